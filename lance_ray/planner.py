@@ -1,0 +1,173 @@
+"""Steps → waves (dependency order) → checkpoint groups → actors, with an estimated GPU time.
+
+A wave is a set of steps whose inputs are ready at the same time: steps without `from_step` are
+wave 0, a step reading another step's output runs one wave after it. Inside a wave, steps of the same
+checkpoint family form one group: one actor pool that loads the checkpoint once per GPU and serves
+all of the group's steps. Groups of one wave run side by side when the cluster has GPUs for all of
+them, one after another otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lance_ray.spec import Job, Step
+
+# Seconds of one GPU per row at the task's default shape, on an H100 with batching
+# (benchmarks/ refine these; see benchmarks/README.md). Used only for the plan's estimate.
+GPU_SECONDS_PER_ROW: dict[str, float] = {
+    "x2t_image": 0.1,
+    "x2t_video": 0.8,
+    "t2i": 2.0,
+    "image_edit": 3.0,
+    "t2v": 35.0,
+    "i2v": 35.0,
+    "video_edit": 60.0,
+}
+# Rows per model call when a step does not say (video tasks are compute-bound at batch 1).
+DEFAULT_BATCH_SIZE: dict[str, int] = {
+    "x2t_image": 16, "x2t_video": 4, "t2i": 4, "image_edit": 2, "t2v": 1, "i2v": 1, "video_edit": 1,
+}
+
+
+@dataclass
+class PlannedStep:
+    step: Step
+    rows: int | None  # None when unknown until an upstream step has run
+    batch_size: int
+
+    @property
+    def estimated_gpu_s(self) -> float | None:
+        if self.rows is None:
+            return None
+        turns = max(1, len(self.step.turns or []))
+        return self.rows * turns * GPU_SECONDS_PER_ROW[self.step.task]
+
+
+@dataclass
+class Group:
+    family: str
+    steps: list[PlannedStep]
+    actors: int
+    gpus_per_actor: int
+
+    @property
+    def estimated_gpu_s(self) -> float | None:
+        times = [s.estimated_gpu_s for s in self.steps]
+        return None if any(t is None for t in times) else sum(times)
+
+
+@dataclass
+class Wave:
+    index: int
+    groups: list[Group] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    job: Job
+    waves: list[Wave]
+    cluster_gpus: int
+
+    @property
+    def groups(self) -> list[Group]:
+        return [group for wave in self.waves for group in wave.groups]
+
+
+def step_levels(job: Job) -> dict[str, int]:
+    """Wave index of every step; spec validation has already rejected cycles and unknown names."""
+    levels: dict[str, int] = {}
+
+    def level(step: Step) -> int:
+        if step.name not in levels:
+            upstream = step.input.from_step
+            levels[step.name] = 0 if upstream is None else level(job.step(upstream)) + 1
+        return levels[step.name]
+
+    for step in job.steps:
+        level(step)
+    return levels
+
+
+def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None] | None = None) -> Plan:
+    """Builds the plan. `row_counts` maps step name → rows (None = unknown); missing steps count as unknown."""
+    row_counts = row_counts or {}
+    levels = step_levels(job)
+    waves = [Wave(index) for index in range(max(levels.values(), default=-1) + 1)]
+    for wave in waves:
+        by_family: dict[str, list[PlannedStep]] = {}
+        for step in job.steps:
+            if levels[step.name] != wave.index:
+                continue
+            rows = row_counts.get(step.name)
+            if rows is None and step.input.from_step is not None:
+                rows = row_counts.get(step.input.from_step)  # at most the upstream's rows
+            batch = (step.resources.batch_size if step.resources and step.resources.batch_size
+                     else DEFAULT_BATCH_SIZE[step.task])
+            by_family.setdefault(step.family, []).append(PlannedStep(step, rows, batch))
+        for family, planned in by_family.items():
+            requested = max((p.step.resources.gpus for p in planned if p.step.resources and p.step.resources.gpus),
+                            default=None)
+            wave.groups.append(Group(family, planned, actors=0, gpus_per_actor=1 if cluster_gpus else 0))
+            wave.groups[-1].actors = requested or 0
+        _assign_actors(wave, cluster_gpus)
+    return Plan(job, waves, cluster_gpus)
+
+
+def _assign_actors(wave: Wave, cluster_gpus: int) -> None:
+    """Gives each group of the wave its actor count: what it asked for, else a fair share of the GPUs."""
+    unassigned = [g for g in wave.groups if g.actors == 0]
+    if cluster_gpus == 0:
+        for group in unassigned:
+            group.actors = 1  # CPU-only: one model copy per group is all a CPU box can afford
+        return
+    asked = sum(g.actors for g in wave.groups if g.actors)
+    spare = max(cluster_gpus - asked, 0)
+    for index, group in enumerate(unassigned):
+        share = spare // len(unassigned) + (1 if index < spare % len(unassigned) else 0)
+        group.actors = max(share, 1)
+
+
+def runs_side_by_side(wave: Wave, cluster_gpus: int) -> bool:
+    """Groups of a wave share the cluster only when each gets its own GPUs."""
+    return cluster_gpus > 0 and sum(g.actors * g.gpus_per_actor for g in wave.groups) <= cluster_gpus
+
+
+def format_plan(plan: Plan) -> str:
+    job = plan.job
+    device = f"{plan.cluster_gpus} GPU(s)" if plan.cluster_gpus else "no GPUs (actors run on CPU)"
+    lines = [f"job {job.name}: {len(job.steps)} step(s), {len(plan.waves)} wave(s), cluster: {device}"]
+    total = 0.0
+    unknown = False
+    for wave in plan.waves:
+        mode = "side by side" if runs_side_by_side(wave, plan.cluster_gpus) else "one after another"
+        lines.append(f"wave {wave.index} ({len(wave.groups)} checkpoint group(s), {mode}):")
+        for group in wave.groups:
+            model = job.model_for(group.family)
+            gpus = f"{group.gpus_per_actor} GPU each" if group.gpus_per_actor else "CPU"
+            lines.append(f"  group {group.family}: checkpoint {model.source}"
+                         f"{'@' + model.revision if model.revision else ''} [{model.backend}, {model.precision}], "
+                         f"{group.actors} actor(s), {gpus}")
+            for planned in group.steps:
+                rows = "?" if planned.rows is None else str(planned.rows)
+                estimate = planned.estimated_gpu_s
+                est = "?" if estimate is None else _duration(estimate)
+                source = f" <- {planned.step.input.from_step}" if planned.step.input.from_step else ""
+                lines.append(f"    step {planned.step.name:<24} {planned.step.task:<11} rows {rows:>7}  "
+                             f"batch {planned.batch_size:>3}  est. GPU time {est}{source}")
+            if group.estimated_gpu_s is None:
+                unknown = True
+            else:
+                total += group.estimated_gpu_s
+    suffix = " (+ steps of unknown size)" if unknown else ""
+    lines.append(f"estimated GPU time: {_duration(total)}{suffix} on H100-class GPUs "
+                 f"(per-task costs in lance_ray/planner.py)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"

@@ -1,0 +1,229 @@
+"""Builds and drives one Ray Data pipeline per checkpoint group of a plan.
+
+    read (sources) → prepare_rows (CPU) → LanceWorker pool (GPU) → finish_rows (CPU) → driver counts
+
+Resume: before a step is read, the ids already committed in its output are excluded, so a re-run
+only does what is missing and a killed run loses at most the batches that were in flight. The
+driver only sees one small (step, row_id, error) record per row; media never pass through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from lance_ray import sinks, sources
+from lance_ray.planner import Group, Plan, make_plan, runs_side_by_side
+from lance_ray.spec import Job, Step
+from lance_ray.worker import CANONICAL_FIELDS, LanceWorker, StepContext, finish_rows, prepare_rows
+
+log = logging.getLogger(__name__)
+CANONICAL_SCHEMA = pa.schema(CANONICAL_FIELDS)
+SUMMARY_PREFIX = "LANCE_RAY_SUMMARY "
+
+
+@dataclass
+class StepSummary:
+    name: str
+    task: str
+    output: str
+    rows: int = 0  # rows in the input
+    skipped: int = 0  # already committed by an earlier run
+    ok: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        done = self.ok + self.failed
+        return done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class RunSummary:
+    job: str
+    run_id: str
+    steps: list[StepSummary] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    events_uri: str | None = None
+
+    @property
+    def failed(self) -> int:
+        return sum(step.failed for step in self.steps)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["failed"] = self.failed
+        return json.dumps(data, sort_keys=True)
+
+
+def init_ray(address: str | None) -> None:
+    """Connects to `address` (or $RAY_ADDRESS, as set inside a Ray job), else starts a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Logical CPUs above the core count keep GPU-less actors from starving the CPU stages.
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=True)
+
+
+def cluster_gpu_count() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _step_context(job: Job, step: Step) -> StepContext:
+    return StepContext(name=step.name, task=step.task, params=step.params_for(job), output_uri=step.output_path(job),
+                       video_codec=step.output.video_codec if step.output else "h264",
+                       turns=tuple(step.turns or ()))
+
+
+def _canonical(batch: pa.Table, step: str) -> pa.Table:
+    """Gives every source's rows the same Arrow schema (plus the step name) so steps can be unioned."""
+    columns = []
+    for item in CANONICAL_FIELDS:
+        if item.name == "step":
+            columns.append(pa.array([step] * batch.num_rows, pa.string()))
+        elif item.name in batch.column_names:
+            columns.append(batch.column(item.name).cast(item.type))
+        else:
+            columns.append(pa.nulls(batch.num_rows, item.type))
+    return pa.Table.from_arrays(columns, schema=CANONICAL_SCHEMA)
+
+
+class JobRunner:
+    """Runs a job's plan wave by wave; groups of a wave share the cluster when there are GPUs for all."""
+
+    def __init__(self, job: Job, *, overwrite: bool = False, progress: bool = True, run_id: str | None = None):
+        self.job = job
+        self.overwrite = overwrite
+        self.progress = progress
+        self.summary = RunSummary(job=job.name, run_id=run_id or _new_run_id())
+        self.summary.events_uri = sinks.join(job.output, "_runs", self.summary.run_id)
+        self._lock = threading.Lock()
+
+    def run(self, plan: Plan) -> RunSummary:
+        started = time.perf_counter()
+        for wave in plan.waves:
+            if runs_side_by_side(wave, plan.cluster_gpus) and len(wave.groups) > 1:
+                threads = [threading.Thread(target=self.run_group, args=(g,)) for g in wave.groups]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+            else:
+                for group in wave.groups:
+                    self.run_group(group)
+        self.summary.elapsed_s = round(time.perf_counter() - started, 3)
+        return self.summary
+
+    def run_group(self, group: Group) -> None:
+        job = self.job
+        contexts = {planned.step.name: _step_context(job, planned.step) for planned in group.steps}
+        summaries: dict[str, StepSummary] = {}
+        datasets = []
+        for planned in group.steps:
+            step, ctx = planned.step, contexts[planned.step.name]
+            summary = StepSummary(step.name, step.task, ctx.output_uri)
+            summaries[step.name] = summary
+            if self.overwrite:
+                sinks.reset(ctx.output_uri)
+            upstream = {step.input.from_step: job.step(step.input.from_step).output_path(job)} \
+                if step.input.from_step else None
+            source = sources.open_source(step, job, upstream)
+            committed = sinks.committed_row_ids(ctx.output_uri)
+            row_ids = [row["row_id"] for row in source.iter_rows()]
+            summary.rows = len(row_ids)
+            summary.skipped = sum(1 for row_id in row_ids if row_id in committed)
+            if summary.rows > summary.skipped:  # a fully committed step starts no actor
+                datasets.append(source.to_dataset(exclude_row_ids=committed)
+                                .map_batches(_canonical, fn_kwargs={"step": step.name}, batch_format="pyarrow",
+                                             batch_size=None, zero_copy_batch=True))
+        with self._lock:
+            self.summary.steps.extend(summaries.values())
+        if not datasets:
+            log.info("group %s: every row already committed, nothing to run", group.family)
+            return
+        started = time.perf_counter()
+        batch_sizes = {planned.step.name: planned.batch_size for planned in group.steps}
+        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        ds = ds.map_batches(prepare_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=2)
+        ds = ds.map_batches(
+            LanceWorker,
+            fn_constructor_kwargs={"model": job.model_for(group.family), "family": group.family, "steps": contexts,
+                                   "batch_sizes": batch_sizes, "events_uri": self.summary.events_uri},
+            batch_format="pyarrow",
+            batch_size=max(batch_sizes.values()),
+            concurrency=group.actors,
+            num_gpus=group.gpus_per_actor,
+            num_cpus=1,
+        )
+        ds = ds.map_batches(finish_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=None)
+        pending = sum(s.rows - s.skipped for s in summaries.values())
+        bar = _progress_bar(pending, f"{group.family} [{', '.join(summaries)}]", self.progress)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for step_name, error in zip(batch.column("step").to_pylist(), batch.column("error").to_pylist(),
+                                        strict=True):
+                if error is None:
+                    summaries[step_name].ok += 1
+                else:
+                    summaries[step_name].failed += 1
+            bar.update(batch.num_rows)
+            bar.set_postfix(failed=sum(s.failed for s in summaries.values()))
+        bar.close()
+        elapsed = time.perf_counter() - started
+        for summary in summaries.values():
+            summary.elapsed_s = round(elapsed, 3)
+            sinks.write_manifest(summary.output, {
+                "step": summary.name, "task": summary.task, "job": job.name, "run_id": self.summary.run_id,
+                "rows": summary.rows, "ok_this_run": summary.ok, "failed_this_run": summary.failed,
+                "skipped": summary.skipped, "model": job.model_for(group.family).model_dump(mode="json"),
+                "finished_at": datetime.now(timezone.utc).isoformat(),
+            })
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", disable=not enabled, dynamic_ncols=True)
+
+
+def _new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def count_rows(job: Job) -> dict[str, int | None]:
+    """Rows per step for the plan; steps fed by another step are unknown until it has run."""
+    return {step.name: (None if step.input.from_step else sources.open_source(step, job).count())
+            for step in job.steps}
+
+
+def run_job(job: Job, *, address: str | None = None, overwrite: bool = False, progress: bool = True,
+            run_id: str | None = None) -> RunSummary:
+    """Plans and runs a job on Ray; returns per-step counts. Rows that failed are in the outputs with `error`."""
+    init_ray(address)
+    plan = make_plan(job, cluster_gpu_count(), count_rows(job))
+    return JobRunner(job, overwrite=overwrite, progress=progress, run_id=run_id).run(plan)
+
+
+def format_summary(summary: RunSummary) -> str:
+    header = f"{'step':<24} {'task':<11} {'rows':>7} {'ok':>7} {'failed':>7} {'skipped':>8} {'rows/s':>8} {'time':>8}"
+    lines = [header, "-" * len(header)]
+    for step in summary.steps:
+        lines.append(f"{step.name:<24} {step.task:<11} {step.rows:>7} {step.ok:>7} {step.failed:>7} "
+                     f"{step.skipped:>8} {step.throughput:>8.2f} {step.elapsed_s:>7.1f}s")
+    lines.append(f"run {summary.run_id}: {summary.elapsed_s:.1f}s, "
+                 f"{sum(s.ok for s in summary.steps)} ok, {summary.failed} failed")
+    return "\n".join(lines)
