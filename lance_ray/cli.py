@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         job = job.with_run_context(run_date=args.run_date or "", run_id=args.run_id or "")
     try:
         summary = run_job(job, address=args.address, overwrite=args.overwrite, progress=not args.no_progress,
-                          run_id=args.run_id)
+                          run_id=args.run_id, verbose=args.verbose)
     except Exception as exc:  # the run itself broke (cluster, storage): rows are safe, say what happened
         logging.getLogger("lance_ray").exception("run failed")
         print(f"lance-ray run: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -91,8 +91,11 @@ def step_levels(job: Job) -> dict[str, int]:
 
 def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None] | None = None) -> Plan:
     """Builds the plan. `row_counts` maps step name → rows (None = unknown); missing steps count as unknown."""
-    row_counts = row_counts or {}
+    row_counts = dict(row_counts or {})
     levels = step_levels(job)
+    for step in sorted(job.steps, key=lambda s: levels[s.name]):
+        if row_counts.get(step.name) is None and step.input.from_step is not None:
+            row_counts[step.name] = row_counts.get(step.input.from_step)  # at most the upstream's rows
     waves = [Wave(index) for index in range(max(levels.values(), default=-1) + 1)]
     for wave in waves:
         by_family: dict[str, list[PlannedStep]] = {}
@@ -100,17 +103,17 @@ def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None]
             if levels[step.name] != wave.index:
                 continue
             rows = row_counts.get(step.name)
-            if rows is None and step.input.from_step is not None:
-                rows = row_counts.get(step.input.from_step)  # at most the upstream's rows
             batch = (step.resources.batch_size if step.resources and step.resources.batch_size
                      else DEFAULT_BATCH_SIZE[step.task])
             by_family.setdefault(step.family, []).append(PlannedStep(step, rows, batch))
         for family, planned in by_family.items():
             requested = max((p.step.resources.gpus for p in planned if p.step.resources and p.step.resources.gpus),
                             default=None)
-            wave.groups.append(Group(family, planned, actors=0, gpus_per_actor=1 if cluster_gpus else 0))
-            wave.groups[-1].actors = requested or 0
+            wave.groups.append(Group(family, planned, actors=requested or 0,
+                                     gpus_per_actor=1 if cluster_gpus else 0))
         _assign_actors(wave, cluster_gpus)
+        for group in wave.groups:
+            group.actors = min(group.actors, _useful_actors(group))
     return Plan(job, waves, cluster_gpus)
 
 
@@ -126,6 +129,13 @@ def _assign_actors(wave: Wave, cluster_gpus: int) -> None:
     for index, group in enumerate(unassigned):
         share = spare // len(unassigned) + (1 if index < spare % len(unassigned) else 0)
         group.actors = max(share, 1)
+
+
+def _useful_actors(group: Group) -> int:
+    """More actors than batches would load a checkpoint that never gets a row."""
+    if any(p.rows is None for p in group.steps):
+        return group.actors
+    return max(1, sum(-(-p.rows // p.batch_size) for p in group.steps))
 
 
 def runs_side_by_side(wave: Wave, cluster_gpus: int) -> bool:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from lance_ray import sinks, sources
+from lance_ray import sinks, sources, storage
 from lance_ray.planner import Group, Plan, make_plan, runs_side_by_side
 from lance_ray.spec import Job, Step
 from lance_ray.worker import CANONICAL_FIELDS, LanceWorker, StepContext, finish_rows, prepare_rows
@@ -65,10 +65,14 @@ class RunSummary:
         return json.dumps(data, sort_keys=True)
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, verbose: bool = False) -> None:
     """Connects to `address` (or $RAY_ADDRESS, as set inside a Ray job), else starts a local Ray."""
     import ray
+    from ray.data import DataContext
 
+    # Our own progress bar and summary replace Ray Data's per-operator log lines unless asked for.
+    DataContext.get_current().enable_progress_bars = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
@@ -85,9 +89,14 @@ def cluster_gpu_count() -> int:
 
 
 def _step_context(job: Job, step: Step) -> StepContext:
-    return StepContext(name=step.name, task=step.task, params=step.params_for(job), output_uri=step.output_path(job),
-                       video_codec=step.output.video_codec if step.output else "h264",
-                       turns=tuple(step.turns or ()))
+    return StepContext(
+        name=step.name,
+        task=step.task,
+        params=step.params_for(job),
+        output_uri=step.output_path(job),
+        video_codec=step.output.video_codec if step.output else "h264",
+        turns=tuple(step.turns or ()),
+    )
 
 
 def _canonical(batch: pa.Table, step: str) -> pa.Table:
@@ -106,12 +115,14 @@ def _canonical(batch: pa.Table, step: str) -> pa.Table:
 class JobRunner:
     """Runs a job's plan wave by wave; groups of a wave share the cluster when there are GPUs for all."""
 
-    def __init__(self, job: Job, *, overwrite: bool = False, progress: bool = True, run_id: str | None = None):
+    def __init__(
+        self, job: Job, *, overwrite: bool = False, progress: bool = True, run_id: str | None = None
+    ):
         self.job = job
         self.overwrite = overwrite
         self.progress = progress
         self.summary = RunSummary(job=job.name, run_id=run_id or _new_run_id())
-        self.summary.events_uri = sinks.join(job.output, "_runs", self.summary.run_id)
+        self.summary.events_uri = storage.join_uri(job.output, "_runs", self.summary.run_id)
         self._lock = threading.Lock()
 
     def run(self, plan: Plan) -> RunSummary:
@@ -130,6 +141,8 @@ class JobRunner:
         return self.summary
 
     def run_group(self, group: Group) -> None:
+        from ray.data import ActorPoolStrategy
+
         job = self.job
         contexts = {planned.step.name: _step_context(job, planned.step) for planned in group.steps}
         summaries: dict[str, StepSummary] = {}
@@ -140,17 +153,26 @@ class JobRunner:
             summaries[step.name] = summary
             if self.overwrite:
                 sinks.reset(ctx.output_uri)
-            upstream = {step.input.from_step: job.step(step.input.from_step).output_path(job)} \
-                if step.input.from_step else None
+            upstream = (
+                {step.input.from_step: job.step(step.input.from_step).output_path(job)}
+                if step.input.from_step
+                else None
+            )
             source = sources.open_source(step, job, upstream)
             committed = sinks.committed_row_ids(ctx.output_uri)
             row_ids = [row["row_id"] for row in source.iter_rows()]
             summary.rows = len(row_ids)
             summary.skipped = sum(1 for row_id in row_ids if row_id in committed)
             if summary.rows > summary.skipped:  # a fully committed step starts no actor
-                datasets.append(source.to_dataset(exclude_row_ids=committed)
-                                .map_batches(_canonical, fn_kwargs={"step": step.name}, batch_format="pyarrow",
-                                             batch_size=None, zero_copy_batch=True))
+                datasets.append(
+                    source.to_dataset(exclude_row_ids=committed).map_batches(
+                        _canonical,
+                        fn_kwargs={"step": step.name},
+                        batch_format="pyarrow",
+                        batch_size=None,
+                        zero_copy_batch=True,
+                    )
+                )
         with self._lock:
             self.summary.steps.extend(summaries.values())
         if not datasets:
@@ -159,23 +181,33 @@ class JobRunner:
         started = time.perf_counter()
         batch_sizes = {planned.step.name: planned.batch_size for planned in group.steps}
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-        ds = ds.map_batches(prepare_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=2)
+        # Distinct CPU requests keep Ray Data from fusing the CPU stages into the GPU actor.
+        ds = ds.map_batches(prepare_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=2,
+                            num_cpus=0.5)
         ds = ds.map_batches(
             LanceWorker,
-            fn_constructor_kwargs={"model": job.model_for(group.family), "family": group.family, "steps": contexts,
-                                   "batch_sizes": batch_sizes, "events_uri": self.summary.events_uri},
+            fn_constructor_kwargs={
+                "model": job.model_for(group.family),
+                "family": group.family,
+                "steps": contexts,
+                "batch_sizes": batch_sizes,
+                "events_uri": self.summary.events_uri,
+            },
             batch_format="pyarrow",
             batch_size=max(batch_sizes.values()),
-            concurrency=group.actors,
+            compute=ActorPoolStrategy(size=group.actors),
             num_gpus=group.gpus_per_actor,
             num_cpus=1,
         )
-        ds = ds.map_batches(finish_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=None)
+        ds = ds.map_batches(
+            finish_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=None, num_cpus=0.5
+        )
         pending = sum(s.rows - s.skipped for s in summaries.values())
         bar = _progress_bar(pending, f"{group.family} [{', '.join(summaries)}]", self.progress)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for step_name, error in zip(batch.column("step").to_pylist(), batch.column("error").to_pylist(),
-                                        strict=True):
+            for step_name, error in zip(
+                batch.column("step").to_pylist(), batch.column("error").to_pylist(), strict=True
+            ):
                 if error is None:
                     summaries[step_name].ok += 1
                 else:
@@ -186,12 +218,21 @@ class JobRunner:
         elapsed = time.perf_counter() - started
         for summary in summaries.values():
             summary.elapsed_s = round(elapsed, 3)
-            sinks.write_manifest(summary.output, {
-                "step": summary.name, "task": summary.task, "job": job.name, "run_id": self.summary.run_id,
-                "rows": summary.rows, "ok_this_run": summary.ok, "failed_this_run": summary.failed,
-                "skipped": summary.skipped, "model": job.model_for(group.family).model_dump(mode="json"),
-                "finished_at": datetime.now(timezone.utc).isoformat(),
-            })
+            sinks.write_manifest(
+                summary.output,
+                {
+                    "step": summary.name,
+                    "task": summary.task,
+                    "job": job.name,
+                    "run_id": self.summary.run_id,
+                    "rows": summary.rows,
+                    "ok_this_run": summary.ok,
+                    "failed_this_run": summary.failed,
+                    "skipped": summary.skipped,
+                    "model": job.model_for(group.family).model_dump(mode="json"),
+                    "finished_at": datetime.now(timezone.utc).isoformat(),
+                },
+            )
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -206,14 +247,23 @@ def _new_run_id() -> str:
 
 def count_rows(job: Job) -> dict[str, int | None]:
     """Rows per step for the plan; steps fed by another step are unknown until it has run."""
-    return {step.name: (None if step.input.from_step else sources.open_source(step, job).count())
-            for step in job.steps}
+    return {
+        step.name: (None if step.input.from_step else sources.open_source(step, job).count())
+        for step in job.steps
+    }
 
 
-def run_job(job: Job, *, address: str | None = None, overwrite: bool = False, progress: bool = True,
-            run_id: str | None = None) -> RunSummary:
+def run_job(
+    job: Job,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    run_id: str | None = None,
+    verbose: bool = False,
+) -> RunSummary:
     """Plans and runs a job on Ray; returns per-step counts. Rows that failed are in the outputs with `error`."""
-    init_ray(address)
+    init_ray(address, verbose)
     plan = make_plan(job, cluster_gpu_count(), count_rows(job))
     return JobRunner(job, overwrite=overwrite, progress=progress, run_id=run_id).run(plan)
 
@@ -222,8 +272,12 @@ def format_summary(summary: RunSummary) -> str:
     header = f"{'step':<24} {'task':<11} {'rows':>7} {'ok':>7} {'failed':>7} {'skipped':>8} {'rows/s':>8} {'time':>8}"
     lines = [header, "-" * len(header)]
     for step in summary.steps:
-        lines.append(f"{step.name:<24} {step.task:<11} {step.rows:>7} {step.ok:>7} {step.failed:>7} "
-                     f"{step.skipped:>8} {step.throughput:>8.2f} {step.elapsed_s:>7.1f}s")
-    lines.append(f"run {summary.run_id}: {summary.elapsed_s:.1f}s, "
-                 f"{sum(s.ok for s in summary.steps)} ok, {summary.failed} failed")
+        lines.append(
+            f"{step.name:<24} {step.task:<11} {step.rows:>7} {step.ok:>7} {step.failed:>7} "
+            f"{step.skipped:>8} {step.throughput:>8.2f} {step.elapsed_s:>7.1f}s"
+        )
+    lines.append(
+        f"run {summary.run_id}: {summary.elapsed_s:.1f}s, "
+        f"{sum(s.ok for s in summary.steps)} ok, {summary.failed} failed"
+    )
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from lance_ray import media, sinks
+from lance_ray import media, sinks, storage
 from lance_ray.backends import IMAGE_OUTPUT_TASKS, TEXT_TASKS, TaskInput, TaskOutput, load_backend
 from lance_ray.spec import ModelRef, Params
 
@@ -38,29 +38,37 @@ CANONICAL_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("step", pa.string()),
 ]
-PREPARED_SCHEMA = pa.schema(CANONICAL_FIELDS + [
-    pa.field("seed_used", pa.int64()),
-    pa.field("pixels", pa.large_binary()),
-    pa.field("pixels_shape", SHAPE),
-])
-RESULT_SCHEMA = pa.schema(CANONICAL_FIELDS + [
-    pa.field("seed_used", pa.int64()),
-    pa.field("text", pa.string()),
-    pa.field("result_pixels", pa.large_binary()),
-    pa.field("result_shape", SHAPE),
-    pa.field("turn_pixels", pa.list_(pa.large_binary())),
-    pa.field("turn_shapes", pa.list_(SHAPE)),
-    pa.field("model_id", pa.string()),
-    pa.field("model_revision", pa.string()),
-    pa.field("backend", pa.string()),
-    pa.field("started_at", pa.string()),
-    pa.field("elapsed_s", pa.float64()),
-])
-COMMITTED_SCHEMA = pa.schema([
-    pa.field("step", pa.string()),
-    pa.field("row_id", pa.string()),
-    pa.field("error", pa.string()),
-])
+PREPARED_SCHEMA = pa.schema(
+    CANONICAL_FIELDS
+    + [
+        pa.field("seed_used", pa.int64()),
+        pa.field("pixels", pa.large_binary()),
+        pa.field("pixels_shape", SHAPE),
+    ]
+)
+RESULT_SCHEMA = pa.schema(
+    CANONICAL_FIELDS
+    + [
+        pa.field("seed_used", pa.int64()),
+        pa.field("text", pa.string()),
+        pa.field("result_pixels", pa.large_binary()),
+        pa.field("result_shape", SHAPE),
+        pa.field("turn_pixels", pa.list_(pa.large_binary())),
+        pa.field("turn_shapes", pa.list_(SHAPE)),
+        pa.field("model_id", pa.string()),
+        pa.field("model_revision", pa.string()),
+        pa.field("backend", pa.string()),
+        pa.field("started_at", pa.string()),
+        pa.field("elapsed_s", pa.float64()),
+    ]
+)
+COMMITTED_SCHEMA = pa.schema(
+    [
+        pa.field("step", pa.string()),
+        pa.field("row_id", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,9 @@ def row_seed(params: Params, row_id: str, row_seed_value: int | None) -> int:
 
 
 def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
+    return pa.Table.from_pylist(
+        [{name: row.get(name) for name in schema.names} for row in rows], schema=schema
+    )
 
 
 def _error_text(exc: BaseException) -> str:
@@ -144,8 +154,14 @@ def _array(data: bytes, shape: list[int]) -> np.ndarray:
 class LanceWorker:
     """One actor per GPU: loads its family's checkpoint once and serves every task of the family."""
 
-    def __init__(self, model: ModelRef, family: str, steps: dict[str, StepContext], batch_sizes: dict[str, int],
-                 events_uri: str | None = None) -> None:
+    def __init__(
+        self,
+        model: ModelRef,
+        family: str,
+        steps: dict[str, StepContext],
+        batch_sizes: dict[str, int],
+        events_uri: str | None = None,
+    ) -> None:
         started = time.perf_counter()
         self.backend = load_backend(model, family)
         self.steps = steps
@@ -153,12 +169,19 @@ class LanceWorker:
         self.load_id = uuid.uuid4().hex[:12]
         if events_uri:
             event = {
-                "event": "checkpoint_load", "load_id": self.load_id, "family": family, "source": model.source,
-                "backend": self.backend.name, "pid": os.getpid(), "load_s": round(time.perf_counter() - started, 3),
+                "event": "checkpoint_load",
+                "load_id": self.load_id,
+                "family": family,
+                "source": model.source,
+                "backend": self.backend.name,
+                "pid": os.getpid(),
+                "load_s": round(time.perf_counter() - started, 3),
                 "at": datetime.now(timezone.utc).isoformat(),
             }
             event.update(getattr(getattr(self.backend, "pipeline", None), "load_stats", {}) or {})
-            sinks.write_event(events_uri, f"load-{self.load_id}", event)
+            storage.write_bytes_atomic(
+                storage.join_uri(events_uri, f"load-{self.load_id}.json"), json.dumps(event).encode()
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -169,7 +192,7 @@ class LanceWorker:
         for (step_name, _), members in groups.items():
             size = self.batch_sizes.get(step_name, 1)
             for start in range(0, len(members), size):
-                self._run_chunk(self.steps[step_name], members[start:start + size])
+                self._run_chunk(self.steps[step_name], members[start : start + size])
         for row in rows:
             row.pop("pixels", None)
             row.setdefault("model_id", self.backend.model_id)
@@ -202,13 +225,21 @@ class LanceWorker:
                 row["turn_pixels"] = [data for data, _ in encoded]
                 row["turn_shapes"] = [shape for _, shape in encoded]
 
-    def _run_task(self, ctx: StepContext, chunk: list[dict]) -> tuple[list[TaskOutput], list[list[TaskOutput]]]:
+    def _run_task(
+        self, ctx: StepContext, chunk: list[dict]
+    ) -> tuple[list[TaskOutput], list[list[TaskOutput]]]:
         inputs = []
         for row in chunk:
             pixels = _array(row["pixels"], row["pixels_shape"]) if row.get("pixels") else None
             is_video = pixels is not None and ctx.task in ("x2t_video", "video_edit")
-            inputs.append(TaskInput(prompt=row.get("prompt"), seed=row["seed_used"],
-                                    image=None if is_video else pixels, video=pixels if is_video else None))
+            inputs.append(
+                TaskInput(
+                    prompt=row.get("prompt"),
+                    seed=row["seed_used"],
+                    image=None if is_video else pixels,
+                    video=pixels if is_video else None,
+                )
+            )
         if not ctx.turns:
             return self.backend.run(ctx.task, inputs, ctx.params), []
         # Multi-turn edit: each turn edits the previous turn's output; every turn is kept.
@@ -234,12 +265,21 @@ def _pixels_bytes(pixels: np.ndarray) -> tuple[bytes, list[int]]:
 def _output_row(row: dict, ctx: StepContext) -> dict:
     params = ctx.params.model_dump(mode="json", exclude_none=True)
     return {
-        "row_id": row["row_id"], "step": ctx.name, "task": ctx.task,
-        "prompt": row.get("prompt"), "image": row.get("image"), "video": row.get("video"),
-        "input_row": row.get("input_row"), "text": row.get("text"),
-        "params": json.dumps(params, sort_keys=True), "seed": row.get("seed_used"),
-        "model_id": row.get("model_id"), "model_revision": row.get("model_revision"),
-        "backend": row.get("backend"), "started_at": row.get("started_at"), "elapsed_s": row.get("elapsed_s"),
+        "row_id": row["row_id"],
+        "step": ctx.name,
+        "task": ctx.task,
+        "prompt": row.get("prompt"),
+        "image": row.get("image"),
+        "video": row.get("video"),
+        "input_row": row.get("input_row"),
+        "text": row.get("text"),
+        "params": json.dumps(params, sort_keys=True),
+        "seed": row.get("seed_used"),
+        "model_id": row.get("model_id"),
+        "model_revision": row.get("model_revision"),
+        "backend": row.get("backend"),
+        "started_at": row.get("started_at"),
+        "elapsed_s": row.get("elapsed_s"),
         "error": row.get("error"),
     }
 
@@ -248,18 +288,31 @@ def _write_pixels(ctx: StepContext, name: str, pixels: np.ndarray) -> dict:
     """Encodes one result (PNG for [H, W, 3], MP4/MKV for [T, H, W, 3]) and writes it under the step's media."""
     if pixels.ndim == 3:
         uri = sinks.write_media(ctx.output_uri, name, media.encode_png(pixels), "png")
-        return {"media_uri": uri, "height": pixels.shape[0], "width": pixels.shape[1], "frames": 1, "fps": None}
+        return {
+            "media_uri": uri,
+            "height": pixels.shape[0],
+            "width": pixels.shape[1],
+            "frames": 1,
+            "fps": None,
+        }
     data, ext = media.encode_video(pixels, ctx.params.fps, ctx.video_codec)
     uri = sinks.write_media(ctx.output_uri, name, data, ext)
-    return {"media_uri": uri, "frames": pixels.shape[0], "height": pixels.shape[1], "width": pixels.shape[2],
-            "fps": ctx.params.fps}
+    return {
+        "media_uri": uri,
+        "frames": pixels.shape[0],
+        "height": pixels.shape[1],
+        "width": pixels.shape[2],
+        "fps": ctx.params.fps,
+    }
 
 
 def _write_result_media(row: dict, ctx: StepContext, out: dict) -> None:
     out.update(_write_pixels(ctx, row["row_id"], _array(row["result_pixels"], row["result_shape"])))
     turns = zip(row.get("turn_pixels") or [], row.get("turn_shapes") or [], strict=True)
-    turn_uris = [_write_pixels(ctx, f"{row['row_id']}-turn{index + 1}", _array(data, shape))["media_uri"]
-                 for index, (data, shape) in enumerate(turns)]
+    turn_uris = [
+        _write_pixels(ctx, f"{row['row_id']}-turn{index + 1}", _array(data, shape))["media_uri"]
+        for index, (data, shape) in enumerate(turns)
+    ]
     if turn_uris:
         out["turn_media_uris"] = turn_uris + [out["media_uri"]]
 

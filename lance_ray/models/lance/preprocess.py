@@ -1,0 +1,307 @@
+"""Official Lance media preprocessing: presets, buckets, resize rule, frame sampling, ViT patches.
+
+Every input image or video reaches the model through two streams, each with its own target area:
+the VAE stream (pixels for the Wan 2.2 VAE, sizes multiple of 16) and the ViT stream (pixels for the
+Qwen2.5-VL vision tower, sizes multiple of 28).  Both streams follow the same recipe (LANCE_FACTS §5):
+
+1. choose the bucket (h, w) of the stream's area whose actual w/h ratio is closest to the input's;
+2. crop the input to the bucket's ratio (full-area crop when it fits, else a centred crop spanning the
+   full width or height) and resize the crop to the bucket with PIL bicubic (small inputs are upscaled);
+3. centre-crop to a multiple of 16 (VAE: a no-op on buckets) or 28 (ViT, e.g. 192x256 -> 168x252);
+4. normalise: VAE ``(x/255 - 0.5)/0.5``; ViT with the CLIP mean/std.
+
+Videos are first frame-sampled with :func:`sample_frame_indices` (12 fps target, at most 6 s worth of
+frames, 4k+1 frames spread over the whole clip).  The ViT stream needs an even frame count (temporal
+patch 2): images are shown as 2 identical frames, odd clips repeat their last frame.
+
+Deliberate deviation: where the official ``RandomResizedCrop`` draws a random 0/1-pixel offset (input
+ratio equal to the bucket's up to rounding, crop one pixel smaller than the input), we take the
+deterministic offset ``(size - crop) // 2`` (= 0), one of the official outcomes.  All other cases have no
+randomness in the official code either.
+
+API (uint8 arrays are ``[T, H, W, 3]`` RGB; an ``[H, W, 3]`` image is accepted as one frame)::
+
+    PRESETS[name] -> Preset(name, vae_res, vit_res)           # image_256res ... video_480p
+    buckets(res) -> [(h, w), ...]                              # 21:9, 16:9, 4:3, 1:1, 3:4, 9:16
+    bucket_size(height, width, preset, stream) -> (h, w)       # bucket chosen for an input size
+    stream_size(height, width, preset, stream) -> (h, w)       # final size (after the divisible crop)
+    resize_to_bucket(frames, preset, stream) -> uint8 [T, h, w, 3]   # steps 1-3
+    vae_pixels(frames) -> float32 [3, T, H, W] in [-1, 1]      # step 4, VAE
+    vit_frames(frames) -> uint8 [T', H, W, 3]                  # even frame count for the ViT
+    vit_patches(frames) -> (float32 [N, 1176], (t, h, w))      # ViT input rows + grid_thw
+    sample_frame_indices(total_frames, avg_fps) -> [int]       # which decoded frames to keep
+    latent_frames(num_frames), decoded_frames(num_frames), output_size(height, width)
+    image_to_rgb(image: PIL.Image) -> uint8 [H, W, 3]          # official mode conversion
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+Stream = Literal["vae", "vit"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    vae_res: int  # VAE-stream buckets have area vae_res**2
+    vit_res: int  # ViT-stream buckets have area vit_res**2
+
+    def res(self, stream: Stream) -> int:
+        if stream == "vae":
+            return self.vae_res
+        if stream == "vit":
+            return self.vit_res
+        raise ValueError(f"unknown stream {stream!r} (expected 'vae' or 'vit')")
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("image_256res", 256, 224),
+        Preset("video_192p", 256, 224),
+        Preset("image_512res", 512, 448),
+        Preset("image_768res", 768, 672),
+        Preset("video_360p", 480, 476),
+        Preset("video_480p", 640, 616),
+    )
+}
+
+ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")  # "w:h", in the official order
+BUCKET_STRIDE = 16
+DIVISOR = {"vae": 16, "vit": 28}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+VAE_TEMPORAL = 4  # VAE time compression: T frames -> (T - 1) // 4 + 1 latent frames
+VAE_SPATIAL = 16  # VAE space compression
+VIT_PATCH = 14
+VIT_TEMPORAL_PATCH = 2
+VIT_MERGE = 2
+
+SAMPLE_FPS = 12
+MAX_DURATION_S = 6.0
+FALLBACK_FPS = 24  # used by the official sampler when the container reports no frame rate
+
+
+def _preset(preset: str | Preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Buckets
+# --------------------------------------------------------------------------------------------------
+def _bucket_for_ratio(w_over_h: float, area: int, stride: int) -> tuple[int, int]:
+    """(h, w) multiple of `stride`, area close to `area`, ratio as close as possible to `w_over_h`.
+
+    Two candidates: fix the width from the area first, or the height first; keep the one with the
+    closer ratio, ties broken by the closer area (the width-first one on a full tie).  Python's
+    round-half-to-even is part of the recipe."""
+    w1 = round(math.sqrt(area * w_over_h) / stride) * stride
+    h1 = round(w1 / w_over_h / stride) * stride
+    h2 = round(math.sqrt(area / w_over_h) / stride) * stride
+    w2 = round(h2 * w_over_h / stride) * stride
+    err1, err2 = abs(w1 / h1 - w_over_h), abs(w2 / h2 - w_over_h)
+    if err1 < err2 or (err1 == err2 and abs(w1 * h1 - area) <= abs(w2 * h2 - area)):
+        return h1, w1
+    return h2, w2
+
+
+@cache
+def buckets(res: int) -> tuple[tuple[int, int], ...]:
+    """The (h, w) buckets of area res**2 for ASPECT_RATIOS, in that order."""
+    out = []
+    for name in ASPECT_RATIOS:
+        w, h = (int(v) for v in name.split(":"))
+        out.append(_bucket_for_ratio(w / h, res * res, BUCKET_STRIDE))
+    return tuple(out)
+
+
+def bucket_size(height: int, width: int, preset: str | Preset, stream: Stream) -> tuple[int, int]:
+    """The bucket (h, w) an input of this size is resized to (before the divisible crop)."""
+    ratio = width / height
+    best, best_err = None, math.inf
+    for h, w in buckets(_preset(preset).res(stream)):
+        err = abs(ratio - w / h)
+        if err < best_err:  # strict: the first of equally close buckets wins
+            best, best_err = (h, w), err
+    assert best is not None
+    return best
+
+
+def stream_size(height: int, width: int, preset: str | Preset, stream: Stream) -> tuple[int, int]:
+    """Final (h, w) of the stream's pixels for an input of this size (bucket, then divisible crop)."""
+    h, w = bucket_size(height, width, preset, stream)
+    d = DIVISOR[stream]
+    return h - h % d, w - w % d
+
+
+# --------------------------------------------------------------------------------------------------
+# Resize
+# --------------------------------------------------------------------------------------------------
+def _ratio_crop(height: int, width: int, ratio: float) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the crop of aspect ratio `ratio` (w/h) taken before resizing.
+
+    Mirrors torchvision RandomResizedCrop.get_params with scale (1, 1) and ratio (r, r): the full-area
+    crop of ratio r — r passed through float32 log/exp as torchvision does — when it fits inside the
+    input, else the fallback crop spanning the full width or height."""
+    r32 = torch.exp(torch.log(torch.tensor(ratio, dtype=torch.float32))).item()
+    area = height * width
+    w = int(round(math.sqrt(area * r32)))
+    h = int(round(math.sqrt(area / r32)))
+    if 0 < w <= width and 0 < h <= height:
+        # official: random offset in [0, size - crop] (at most 1 px here); we take the centred one
+        return (height - h) // 2, (width - w) // 2, h, w
+    if width / height < ratio:
+        w, h = width, int(round(width / ratio))
+    elif width / height > ratio:
+        h, w = height, int(round(height * ratio))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _as_frames(frames: np.ndarray) -> np.ndarray:
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 frames [T, H, W, 3] (or an image [H, W, 3]), got {frames.dtype} {frames.shape}"
+        )
+    return frames
+
+
+def _centre_crop(frames: np.ndarray, h: int, w: int) -> np.ndarray:
+    """torchvision center_crop offsets: round((H - h) / 2) with Python's half-to-even rounding."""
+    top = int(round((frames.shape[1] - h) / 2.0))
+    left = int(round((frames.shape[2] - w) / 2.0))
+    return frames[:, top : top + h, left : left + w]
+
+
+def resize_to_bucket(frames: np.ndarray, preset: str | Preset, stream: Stream) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, h, w, 3]: bucket crop + bicubic resize + divisible crop.
+
+    The result is exactly what the official stream sees before normalisation (and, for the ViT,
+    before frame duplication: see vit_frames)."""
+    frames = _as_frames(frames)
+    height, width = frames.shape[1:3]
+    bh, bw = bucket_size(height, width, preset, stream)
+    top, left, ch, cw = _ratio_crop(height, width, bw / bh)
+    out = np.empty((frames.shape[0], bh, bw, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        img = Image.fromarray(frame).crop((left, top, left + cw, top + ch))
+        if img.size != (bw, bh):
+            img = img.resize((bw, bh), Image.Resampling.BICUBIC)
+        out[i] = np.asarray(img)
+    d = DIVISOR[stream]
+    return np.ascontiguousarray(_centre_crop(out, bh - bh % d, bw - bw % d))
+
+
+def image_to_rgb(image: Image.Image) -> np.ndarray:
+    """Official image decode: palette -> RGBA, RGBA composited on white, anything else converted to RGB."""
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        bg = Image.new("RGB", image.size, (255, 255, 255))
+        bg.paste(image, mask=image.split()[3])
+        image = bg
+    else:
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation and ViT patches
+# --------------------------------------------------------------------------------------------------
+def _to_float_cthw(frames: np.ndarray) -> torch.Tensor:
+    # torchvision ToTensor: float32 division by 255
+    return torch.from_numpy(_as_frames(frames)).permute(3, 0, 1, 2).float().div(255)
+
+
+def vae_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1], as the official Normalize(0.5, 0.5)."""
+    return _to_float_cthw(frames).sub(0.5).div(0.5)
+
+
+def vit_frames(frames: np.ndarray) -> np.ndarray:
+    """Even frame count for the ViT's temporal patch of 2: repeat the last frame when T is odd
+    (an image becomes 2 identical frames, 4k+1 video frames become 4k+2)."""
+    frames = _as_frames(frames)
+    if frames.shape[0] % 2:
+        frames = np.concatenate([frames, frames[-1:]], axis=0)
+    return frames
+
+
+def vit_patches(frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """ViT-stream uint8 frames (sizes multiple of 28) -> (patches [N, 1176] float32, grid (t, h, w)).
+
+    Applies vit_frames and the CLIP normalisation.  Rows are ordered (t, h/2, w/2, dy, dx): the four
+    patches of each 2x2 merge group are contiguous.  Each row is one (C=3, 2 frames, 14, 14) block
+    flattened in (C, frame, y, x) order.  grid = (T/2, H/14, W/14); merged tokens = t*h*w/4."""
+    x = _to_float_cthw(vit_frames(frames))  # [C, T, H, W]
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1, 1)
+    x = x.sub(mean).div(std)
+    c, t, h, w = x.shape
+    p, tp, m = VIT_PATCH, VIT_TEMPORAL_PATCH, VIT_MERGE
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"ViT frames must be multiples of {p * m} px, got {h}x{w}")
+    gt, gh, gw = t // tp, h // p, w // p
+    x = x.reshape(c, gt, tp, gh // m, m, p, gw // m, m, p)
+    # -> [gt, gh/m, gw/m, dy, dx, C, tp, p, p]
+    x = x.permute(1, 3, 6, 4, 7, 0, 2, 5, 8)
+    return x.reshape(gt * gh * gw, c * tp * p * p).contiguous(), (gt, gh, gw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Frames and sizes
+# --------------------------------------------------------------------------------------------------
+def sample_frame_indices(total_frames: int, avg_fps: float) -> list[int]:
+    """Indices of the decoded frames the official sampler keeps (LANCE_FACTS §5.3).
+
+    fps = round(avg_fps) (24 when unknown); n = round(min(total/fps, 6 s) * 12) frames, snapped to 4k+1
+    (down to the previous 4k+1, or n - 3 when n is a multiple of 4); the n indices are an
+    int-truncated linspace over the WHOLE clip, so long clips are subsampled, not cut.  Clips too short
+    for one frame (n < 1, where the official code fails) give [0]."""
+    if total_frames < 1:
+        raise ValueError(f"a video needs at least one frame, got {total_frames}")
+    fps = int(round(avg_fps)) if math.isfinite(avg_fps) else 0
+    if fps <= 0:
+        fps = FALLBACK_FPS
+    duration = min(total_frames / fps, MAX_DURATION_S)
+    n = int(round(duration * SAMPLE_FPS))
+    n = n // VAE_TEMPORAL * VAE_TEMPORAL + 1 if n % VAE_TEMPORAL else n + 1 - VAE_TEMPORAL
+    n = max(n, 1)
+    return np.linspace(0, total_frames - 1, n).astype(np.int64).tolist()
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames for num_frames pixel frames (the VAE keeps frames 0..4k, ignoring the rest)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return (num_frames - 1) // VAE_TEMPORAL + 1
+
+
+def decoded_frames(num_frames: int) -> int:
+    """Pixel frames the VAE decodes back for a request of num_frames: 4(t - 1) + 1."""
+    return VAE_TEMPORAL * (latent_frames(num_frames) - 1) + 1
+
+
+def output_size(height: int, width: int) -> tuple[int, int]:
+    """t2i/t2v output size: the request floored to multiples of 16 (latent h, w = H//16, W//16)."""
+    h, w = height // VAE_SPATIAL * VAE_SPATIAL, width // VAE_SPATIAL * VAE_SPATIAL
+    if h < VAE_SPATIAL or w < VAE_SPATIAL:
+        raise ValueError(f"height and width must be at least {VAE_SPATIAL}, got {height}x{width}")
+    return h, w

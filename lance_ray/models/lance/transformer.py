@@ -1,0 +1,341 @@
+"""Lance's language model: a Qwen2 mixture-of-transformers (MoT) backbone, and `LanceModel`.
+
+API (used by understand.py and generate.py)
+-------------------------------------------
+Tokens of several batch rows are *packed* along one axis: `x: [N, H]`, `pos: [3, N]` (MRoPE t/h/w ids),
+`gen_mask: [N] bool` (True = VAE-latent token -> "gen" expert, else "und"), and a `rows` layout that says,
+for each batch row in packing order, which consecutive *splits* of its tokens this call carries and how
+each split attends::
+
+    rows = [[Split(18, causal=True), Split(56, causal=False)],   # row 0: 74 tokens
+            [Split(1, causal=True)]]                            # row 1: 1 token
+
+A split attends to everything the row already has in `cache` (if given), to the earlier splits of the
+row in this call, and to itself (causally, bottom-right aligned, or fully).  Rows never see each other.
+
+    h = lm(x, pos, rows, cache=cache, gen_mask=gen_mask, update_cache=True)   # [N, H], final-normed
+
+`KVCache(cfg, batch, capacity, device, dtype)` holds per-layer keys/values `[B, nkv, capacity, hd]`
+and the per-row lengths; row b of the cache is row b of `rows`.  With `update_cache=False` the call
+reads the cache without extending it (the denoising query of generation).  Calls where every row has
+exactly one token take a batched path (one masked SDPA over the padded cache); everything else runs
+one SDPA per split (flash / memory-efficient kernels on GPU, never a dense [N, N] mask).
+
+`LanceModel` bundles `llm` (this backbone + embed + lm_head), `vit` (vit.py) and `latent` (latent.py);
+state_dict.py maps the official checkpoint onto it.
+
+Numerics follow LANCE_FACTS §7.1-7.2: pre-norm blocks, per-token expert choice for every weight
+(attention projections, QK-norm, MLP, both layer norms and the final norm), QK RMSNorm per head before
+RoPE, GQA, softmax scale 1/sqrt(hd), RMSNorm in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+from .config import LLMConfig, ViTConfig
+
+
+@dataclass(frozen=True)
+class Split:
+    length: int
+    causal: bool
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Expert(nn.Module):
+    """All weights of one expert ("und" or "gen") in one layer."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        H, hd = cfg.hidden_size, cfg.head_dim
+        self.attn_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(H, cfg.num_attention_heads * hd)
+        self.k_proj = nn.Linear(H, cfg.num_key_value_heads * hd)
+        self.v_proj = nn.Linear(H, cfg.num_key_value_heads * hd)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, H, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
+
+    def qkv(self, x: torch.Tensor, hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [n, H] (already attn-normed) -> q [n, nh, hd], k/v [n, nkv, hd]; QK-norm per head
+        q = self.q_norm(self.q_proj(x).unflatten(-1, (-1, hd)))
+        k = self.k_norm(self.k_proj(x).unflatten(-1, (-1, hd)))
+        return q, k, self.v_proj(x).unflatten(-1, (-1, hd))
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Routing:
+    """Which packed tokens go to which expert; applies a per-expert function and reassembles."""
+
+    def __init__(self, gen_mask: torch.Tensor | None) -> None:
+        self.all_und = gen_mask is None or not bool(gen_mask.any())
+        self.all_gen = gen_mask is not None and bool(gen_mask.all())
+        if not (self.all_und or self.all_gen):
+            self.und_idx = (~gen_mask).nonzero().squeeze(1)
+            self.gen_idx = gen_mask.nonzero().squeeze(1)
+
+    def apply(self, und, gen, x: torch.Tensor) -> torch.Tensor:
+        if self.all_und:
+            return und(x)
+        if self.all_gen:
+            return gen(x)
+        out_u, out_g = und(x[self.und_idx]), gen(x[self.gen_idx])
+        out = out_u.new_empty((x.shape[0], *out_u.shape[1:]))
+        out[self.und_idx] = out_u
+        out[self.gen_idx] = out_g
+        return out
+
+
+class KVCache:
+    """Per-layer keys/values of B rows, right-padded to `capacity`; `lens[b]` tokens of row b are valid."""
+
+    def __init__(
+        self, cfg: LLMConfig, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
+        shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.capacity = capacity
+        self.lens = [
+            0
+        ] * batch  # host copy: per-split loops need python ints, and keeping it here avoids syncs
+        self.lens_t = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return len(self.lens)
+
+    def advance(self, added: list[int]) -> None:
+        if any(n + a > self.capacity for n, a in zip(self.lens, added, strict=True)):
+            raise ValueError(f"KV cache overflow: lens {self.lens} + {added} > capacity {self.capacity}")
+        self.lens = [n + a for n, a in zip(self.lens, added, strict=True)]
+        if len(set(added)) == 1:  # the decoding case: no host-to-device copy
+            self.lens_t += added[0]
+        else:
+            self.lens_t += torch.tensor(added, dtype=torch.long).to(self.lens_t.device, non_blocking=True)
+
+    def select(self, rows: list[int]) -> KVCache:
+        """A new cache holding copies of the given rows (e.g. to duplicate a prefix for several samples)."""
+        out = KVCache.__new__(KVCache)
+        index = torch.tensor(rows, device=self.lens_t.device)
+        out.k = [k.index_select(0, index) for k in self.k]
+        out.v = [v.index_select(0, index) for v in self.v]
+        out.capacity, out.lens, out.lens_t = (
+            self.capacity,
+            [self.lens[r] for r in rows],
+            self.lens_t[index].clone(),
+        )
+        return out
+
+
+def rotary_cos_sin(
+    pos: torch.Tensor, cfg: LLMConfig, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MRoPE tables.  pos: [3, N] -> cos, sin: [N, hd].
+
+    Frequency slot i uses the t, h or w position according to `mrope_section` (e.g. [16, 24, 24] slots
+    of hd/2 = 64), the same assignment for both halves of the rotate-half layout.
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=pos.device) / hd))
+    axis = torch.repeat_interleave(
+        torch.arange(3, device=pos.device), torch.tensor(cfg.mrope_section, device=pos.device)
+    )  # [hd/2]
+    angles = pos.float().T[:, axis] * inv_freq  # [N, hd/2]: position of the slot's axis * its frequency
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, heads, hd], cos/sin: [N, hd]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class MoTBlock(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.und = Expert(cfg)
+        self.gen = Expert(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        route: Routing,
+        rows: list[list[Split]],
+        cache: KVCache | None,
+        update_cache: bool,
+    ) -> torch.Tensor:
+        hd = self.cfg.head_dim
+        und, gen = self.und, self.gen
+
+        def qkv_of(expert: Expert):
+            return lambda t: torch.cat([*expert.qkv(expert.attn_norm(t), hd)], dim=1)
+
+        nh, nkv = self.cfg.num_attention_heads, self.cfg.num_key_value_heads
+        qkv = route.apply(qkv_of(und), qkv_of(gen), x)  # [N, nh + 2*nkv, hd]
+        q, k, v = qkv.split([nh, nkv, nkv], dim=1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        attn = self._attention(q, k, v, rows, cache, update_cache)  # [N, nh*hd]
+        x = x + route.apply(und.o_proj, gen.o_proj, attn)
+        return x + route.apply(lambda t: und.mlp(und.mlp_norm(t)), lambda t: gen.mlp(gen.mlp_norm(t)), x)
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: list[list[Split]],
+        cache: KVCache | None,
+        update_cache: bool,
+    ) -> torch.Tensor:
+        # q: [N, nh, hd], k/v: [N, nkv, hd] packed over rows
+        if cache is not None and all(len(r) == 1 and r[0].length == 1 for r in rows):
+            return self._decode_attention(q, k, v, cache, update_cache)
+        out = torch.empty_like(q)
+        start = 0
+        for b, splits in enumerate(rows):
+            n_row = sum(s.length for s in splits)
+            if n_row == 0:
+                continue
+            kr, vr = k[start : start + n_row], v[start : start + n_row]
+            past = 0
+            if cache is not None:
+                past = cache.lens[b]
+                if update_cache:
+                    cache.k[self.layer][b, :, past : past + n_row] = kr.transpose(0, 1)
+                    cache.v[self.layer][b, :, past : past + n_row] = vr.transpose(0, 1)
+                    keys, values = cache.k[self.layer][b], cache.v[self.layer][b]  # [nkv, cap, hd]
+                else:
+                    keys = torch.cat([cache.k[self.layer][b, :, :past], kr.transpose(0, 1)], dim=1)
+                    values = torch.cat([cache.v[self.layer][b, :, :past], vr.transpose(0, 1)], dim=1)
+            else:
+                keys, values = kr.transpose(0, 1), vr.transpose(0, 1)
+            offset = 0
+            for split in splits:
+                n_keys = past + offset + split.length
+                qs = q[start + offset : start + offset + split.length].transpose(0, 1)  # [nh, Lq, hd]
+                out[start + offset : start + offset + split.length] = _sdpa(
+                    qs, keys[:, :n_keys], values[:, :n_keys], split.causal
+                ).transpose(0, 1)
+                offset += split.length
+            start += n_row
+        return out.flatten(1)
+
+    def _decode_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, update_cache: bool
+    ) -> torch.Tensor:
+        """One new token per row: write it at position lens[b], attend to the row's first lens[b]+1 keys."""
+        B, nh, hd = q.shape
+        nkv = k.shape[1]
+        kc, vc = cache.k[self.layer], cache.v[self.layer]
+        if not update_cache:  # work on a copy so the cache stays untouched
+            kc, vc = kc.clone(), vc.clone()
+        rows = torch.arange(B, device=q.device)
+        kc[rows, :, cache.lens_t] = k
+        vc[rows, :, cache.lens_t] = v
+        n_keys = max(cache.lens) + 1
+        valid = torch.arange(n_keys, device=q.device)[None, :] <= cache.lens_t[:, None]  # [B, n_keys]
+        # GQA without repeating the cache: fold the query heads of one kv head into the query axis.
+        qg = q.view(B, nkv, nh // nkv, hd)
+        out = F.scaled_dot_product_attention(
+            qg, kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=valid[:, None, None]
+        )
+        return out.reshape(B, nh * hd)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Attention of one split.  q: [nh, Lq, hd], k/v: [nkv, Lk, hd]; causal is bottom-right aligned."""
+    groups = q.shape[0] // k.shape[0]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+    q, k, v = q[None], k[None], v[None]
+    Lq, Lk = q.shape[2], k.shape[2]
+    if causal and Lq > 1:
+        mask = causal_lower_right(Lq, Lk) if Lq != Lk else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out[0]
+
+
+class LanguageModel(nn.Module):
+    """Token embedding, MoT layers, per-expert final norm and the LM head."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTBlock(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm_und = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        rows: list[list[Split]],
+        *,
+        cache: KVCache | None = None,
+        gen_mask: torch.Tensor | None = None,
+        update_cache: bool = True,
+    ) -> torch.Tensor:
+        """x: [N, H] input embeddings, pos: [3, N] -> final-normed hidden states [N, H]."""
+        if sum(s.length for r in rows for s in r) != x.shape[0]:
+            raise ValueError("rows do not add up to the number of packed tokens")
+        if cache is not None and len(rows) != cache.batch:
+            raise ValueError(f"{len(rows)} rows for a cache of {cache.batch}")
+        route = Routing(gen_mask)
+        cos, sin = rotary_cos_sin(pos, self.cfg, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, route, rows, cache, update_cache)
+        if cache is not None and update_cache:
+            cache.advance([sum(s.length for s in r) for r in rows])
+        return route.apply(self.norm_und, self.norm_gen, x)
+
+
+class LanceModel(nn.Module):
+    """Everything in a Lance checkpoint except the VAE: language model, ViT and latent adapters."""
+
+    def __init__(self, llm_cfg: LLMConfig, vit_cfg: ViTConfig) -> None:
+        super().__init__()
+        from .latent import LatentAdapter
+        from .vit import VisionTransformer
+
+        if vit_cfg.out_hidden_size != llm_cfg.hidden_size:
+            raise ValueError(
+                f"ViT output {vit_cfg.out_hidden_size} != LLM hidden {llm_cfg.hidden_size} "
+                "(Lance uses the Qwen2.5-VL ViT without a connector)"
+            )
+        self.llm_cfg, self.vit_cfg = llm_cfg, vit_cfg
+        self.llm = LanguageModel(llm_cfg)
+        self.vit = VisionTransformer(vit_cfg)
+        self.latent = LatentAdapter(llm_cfg)

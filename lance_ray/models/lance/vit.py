@@ -1,0 +1,142 @@
+"""The Qwen2.5-VL vision tower used by Lance (LANCE_FACTS §7.5), with per-window batched attention.
+
+Input: patch rows `[N, C*Tp*P*P]` (1176 for the real config) of one or more visuals, each in the
+official order (t', h/2, w/2, dy, dx) -- i.e. every 2x2 group of patches that the merger fuses is
+contiguous -- and each visual's patch grid `(t, h, w)` = (frames/2, H/14, W/14).
+Output: `[N/4, out_hidden]` merged tokens, raster (t', h/2, w/2) order, visuals concatenated.
+
+Attention never crosses a temporal patch slice: window blocks attend inside 112-px windows (4x4 merged
+tokens) of one slice, the `fullatt_block_indexes` blocks inside the whole slice.  Instead of the dense
+[N, N] mask of the reference we gather equal-length segments into a batch and run one SDPA per distinct
+segment length, so memory stays linear in N (x2t_video at 480p/121 frames).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ViTConfig
+from .transformer import RMSNorm
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        D = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.norm1 = RMSNorm(D, cfg.rms_norm_eps)
+        self.norm2 = RMSNorm(D, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+        self.gate_proj = nn.Linear(D, cfg.intermediate_size)
+        self.up_proj = nn.Linear(D, cfg.intermediate_size)
+        self.down_proj = nn.Linear(cfg.intermediate_size, D)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[torch.Tensor, int]]
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.num_heads, -1).unbind(1)  # each [n, heads, hd]
+        q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+        x = x + self.proj(_segment_attention(q, k, v, segments).flatten(1))
+        h = self.norm2(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Computed in float32 as the reference does, whatever the activation dtype.  x: [n, heads, hd]
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]).to(x.dtype)
+
+
+def _segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[torch.Tensor, int]]
+) -> torch.Tensor:
+    """Bidirectional attention inside contiguous segments.  segments: (start offsets [S], length) groups."""
+    out = torch.empty_like(q)
+    for starts, length in segments:
+        idx = (starts[:, None] + torch.arange(length, device=q.device)).reshape(-1)
+        # [S*length, heads, hd] -> [S, heads, length, hd]
+        qs, ks, vs = (t[idx].view(-1, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        out[idx] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(-1, *q.shape[1:])
+    return out
+
+
+def _group_by_length(lengths: list[int], device: torch.device) -> list[tuple[torch.Tensor, int]]:
+    """Contiguous segments of the given lengths -> [(start offsets, length)] per distinct length."""
+    starts: dict[int, list[int]] = {}
+    offset = 0
+    for n in lengths:
+        if n:
+            starts.setdefault(n, []).append(offset)
+        offset += n
+    return [(torch.tensor(s, device=device), n) for n, s in starts.items()]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, merged = cfg.hidden_size, cfg.hidden_size * cfg.spatial_merge_size**2
+        # The reference's Conv3d with stride == kernel is a linear map of each flattened patch row.
+        self.patch_embed = nn.Linear(cfg.patch_dim, D, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.merger_fc1 = nn.Linear(merged, merged)
+        self.merger_fc2 = nn.Linear(merged, cfg.out_hidden_size)
+
+    def _layout(self, grids: list[tuple[int, int, int]], device: torch.device):
+        """Window permutation (merged-token units), rotary angles and attention segments for the grids."""
+        m = self.cfg.spatial_merge_size
+        ws = self.cfg.window_size // m // self.cfg.patch_size  # window side in merged tokens
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / (
+            10000 ** (torch.arange(0, hd // 2, 2, dtype=torch.float32, device=device) / (hd // 2))
+        )
+        order, angles, window_lens, slice_lens = [], [], [], []
+        base = 0
+        for t, h, w in grids:
+            mh, mw = h // m, w // m
+            # Patch (row, col) in the official (t', h/2, w/2, dy, dx) row order.
+            rr = torch.arange(h, device=device).view(mh, m, 1, 1).expand(mh, m, mw, m).permute(0, 2, 1, 3)
+            cc = torch.arange(w, device=device).view(1, 1, mw, m).expand(mh, m, mw, m).permute(0, 2, 1, 3)
+            rc = torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=-1).repeat(t, 1)  # [t*h*w, 2]
+            angles.append((rc[..., None].float() * inv_freq).flatten(1))  # [n, hd/2]: rows, then cols
+            # Windows tile each slice (padded at bottom/right); enumerate merged tokens window by window.
+            ph, pw = -mh % ws, -mw % ws
+            grid = F.pad(torch.arange(t * mh * mw, device=device).view(t, mh, mw), (0, pw, 0, ph), value=-1)
+            grid = grid.view(t, (mh + ph) // ws, ws, (mw + pw) // ws, ws).permute(0, 1, 3, 2, 4)
+            grid = grid.reshape(t, -1, ws * ws)
+            window_lens += ((grid >= 0).sum(-1) * m * m).reshape(-1).tolist()
+            flat = grid.reshape(-1)
+            order.append(flat[flat >= 0] + base)
+            slice_lens += [h * w] * t
+            base += t * mh * mw
+        order_t = torch.cat(order)
+        return (
+            order_t,
+            torch.cat(angles),
+            _group_by_length(window_lens, device),
+            _group_by_length(slice_lens, device),
+        )
+
+    def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """patches: [N, patch_dim], grids: per visual (t, h, w) in patches -> [N/4, out_hidden]."""
+        unit = self.cfg.spatial_merge_size**2
+        if patches.shape[0] != sum(t * h * w for t, h, w in grids):
+            raise ValueError("patch rows do not match the grids")
+        order, angles, windows, slices = self._layout(grids, patches.device)
+        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
+        n = x.shape[0]
+        # Reorder merged groups (4 patch rows each) into window order; rotary angles move with them.
+        x = x.view(n // unit, unit, -1)[order].reshape(n, -1)
+        angles = angles.view(n // unit, unit, -1)[order].reshape(n, -1)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, slices if i in self.cfg.fullatt_block_indexes else windows)
+        x = self.merger_fc2(F.gelu(self.merger_fc1(self.merger_norm(x).view(n // unit, -1))))
+        return x[torch.argsort(order)]

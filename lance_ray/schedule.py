@@ -1,0 +1,571 @@
+"""Cron schedules for job files: which runs are due, catch-up and overlap policy, SQLite run history.
+
+    lance-ray schedule nightly.yaml --address http://HEAD:8265          long-lived scheduler
+    lance-ray schedule nightly.yaml --address http://HEAD:8265 --once   submit what is due now, exit
+
+A job file opts in with `schedule: {cron, timezone, overlap, catch_up}`. Each due run is submitted
+through the Ray Jobs API (remote.py) with `--run-date`/`--run-id`, so output paths using `{run_date}`
+or `{run_id}` get one partition per run.
+
+Cron times are wall-clock times in the schedule's time zone. Across daylight-saving changes every
+matching wall-clock time runs exactly once: a time the clock skips (spring forward) runs at the
+moment of the jump, a time the clock repeats (fall back) runs at its first occurrence.
+
+Crash safety: a run is written to the history as QUEUED, with a submission id derived from the job
+name and the scheduled time, before it is submitted. After a crash the scheduler asks the cluster
+about that id before submitting again, and the cluster refuses a second job with the same id, so a
+scheduled time is never run twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sqlite3
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Protocol, TextIO
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+
+from lance_ray.remote import ClusterUnreachable, RemoteError, RunInfo, SubmitOptions
+from lance_ray.spec import ScheduleSpec
+
+log = logging.getLogger(__name__)
+
+# History statuses. QUEUED: due, not yet accepted by the cluster. PENDING/RUNNING/SUCCEEDED/FAILED/STOPPED
+# mirror Ray's job statuses. MISSED: due while the scheduler was down and dropped by the catch-up policy.
+# SKIPPED: due while an earlier run was unfinished, with `overlap: skip`. SUBMIT_FAILED: the cluster
+# refused the submission. LOST: the cluster no longer knows the submission (e.g. it was restarted).
+QUEUED = "QUEUED"
+ON_CLUSTER = ("PENDING", "RUNNING")
+UNFINISHED = (QUEUED, *ON_CLUSTER)
+
+# A catch-up after a long outage of a frequent schedule keeps at most this many of the newest due times.
+MAX_DUE_PER_TICK = 1000
+
+
+class ScheduleError(ValueError):
+    """Job files that cannot be scheduled (no `schedule:` block, two jobs with one name)."""
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...  # timezone-aware
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    def sleep(self, seconds: float) -> None:
+        import time
+
+        time.sleep(seconds)
+
+
+class Cluster(Protocol):
+    """What the scheduler needs from a Ray cluster; remote.RemoteCluster is the real one."""
+
+    def submit(
+        self,
+        job_path: str | Path,
+        options: SubmitOptions,
+        *,
+        submission_id: str | None = None,
+        run_date: str | None = None,
+        run_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> str: ...
+
+    def info(self, submission_id: str) -> RunInfo | None: ...
+
+
+def wall_to_utc(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The UTC instant at which the naive wall-clock time `wall` happens in `zone`.
+
+    Repeated times (fall back) give their first occurrence. Skipped times (spring forward) give the
+    instant of the jump: the first second whose offset is the post-jump one.
+    """
+    first = wall.replace(tzinfo=zone, fold=0).astimezone(timezone.utc)
+    if first.astimezone(zone).replace(tzinfo=None) == wall:
+        return first
+    # `wall` lies in a gap. Read with the post-jump offset it lands before the jump, read with the
+    # pre-jump offset after it; bisect the seconds in between for the jump.
+    after_offset = first.astimezone(zone).utcoffset()
+    lo = int(wall.replace(tzinfo=zone, fold=1).astimezone(timezone.utc).timestamp())
+    hi = int(first.timestamp())
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if datetime.fromtimestamp(mid, zone).utcoffset() == after_offset:
+            hi = mid
+        else:
+            lo = mid
+    return datetime.fromtimestamp(hi, timezone.utc)
+
+
+def due_times(
+    schedule: ScheduleSpec, after: datetime, until: datetime, limit: int = MAX_DUE_PER_TICK
+) -> list[datetime]:
+    """Scheduled instants in (after, until], oldest first, as UTC datetimes (at most the newest `limit`)."""
+    zone = ZoneInfo(schedule.timezone)
+    # Wall-clock times map to instants monotonically (see wall_to_utc), so walking the cron over
+    # naive local times from `after`'s wall-clock time and stopping past `until` sees every match.
+    it = croniter(schedule.cron, after.astimezone(zone).replace(tzinfo=None))
+    found: deque[datetime] = deque(maxlen=limit)
+    while True:
+        instant = wall_to_utc(it.get_next(datetime), zone)
+        if instant > until:
+            return list(found)
+        if instant > after and (not found or instant != found[-1]):
+            found.append(instant)
+
+
+def next_after(schedule: ScheduleSpec, moment: datetime) -> datetime:
+    """The first scheduled instant strictly after `moment` (UTC)."""
+    zone = ZoneInfo(schedule.timezone)
+    it = croniter(schedule.cron, moment.astimezone(zone).replace(tzinfo=None))
+    while True:
+        instant = wall_to_utc(it.get_next(datetime), zone)
+        if instant > moment:
+            return instant
+
+
+def run_date_for(schedule: ScheduleSpec, scheduled_for: datetime) -> str:
+    """The `{run_date}` of a run: its scheduled day in the schedule's time zone."""
+    return scheduled_for.astimezone(ZoneInfo(schedule.timezone)).date().isoformat()
+
+
+def run_id_for(scheduled_for: datetime) -> str:
+    """The `{run_id}` of a scheduled run: its UTC instant, unique per job and safe in paths."""
+    return scheduled_for.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def submission_id_for(job_name: str, scheduled_for: datetime) -> str:
+    return f"lance-ray-{job_name}-{run_id_for(scheduled_for)}"
+
+
+@dataclass
+class Run:
+    """One row of the run history."""
+
+    job: str
+    scheduled_for: datetime
+    status: str
+    submission_id: str | None = None
+    rows_ok: int | None = None
+    rows_failed: int | None = None
+    error: str | None = None
+    updated_at: datetime | None = None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunHistory:
+    """Run history and per-job cursors in one SQLite file.
+
+    The cursor of a job is the instant up to which its due times have been turned into history rows;
+    both change in one transaction, so a crash never leaves a due time half-recorded.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
+        self._db.executescript("""
+            CREATE TABLE IF NOT EXISTS runs (
+                job TEXT NOT NULL,
+                scheduled_for TEXT NOT NULL,
+                status TEXT NOT NULL,
+                submission_id TEXT,
+                rows_ok INTEGER,
+                rows_failed INTEGER,
+                error TEXT,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (job, scheduled_for)
+            );
+            CREATE TABLE IF NOT EXISTS cursors (job TEXT PRIMARY KEY, checked_until TEXT NOT NULL);
+        """)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def cursor(self, job: str) -> datetime | None:
+        row = self._db.execute("SELECT checked_until FROM cursors WHERE job = ?", (job,)).fetchone()
+        return datetime.fromisoformat(row[0]) if row else None
+
+    def set_cursor(self, job: str, moment: datetime) -> None:
+        self._db.execute(
+            "INSERT INTO cursors (job, checked_until) VALUES (?, ?) "
+            "ON CONFLICT(job) DO UPDATE SET checked_until = excluded.checked_until",
+            (job, _iso(moment)),
+        )
+
+    def add(self, run: Run, now: datetime) -> None:
+        self._db.execute(
+            "INSERT INTO runs (job, scheduled_for, status, submission_id, rows_ok, rows_failed, error, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run.job,
+                _iso(run.scheduled_for),
+                run.status,
+                run.submission_id,
+                run.rows_ok,
+                run.rows_failed,
+                run.error,
+                _iso(now),
+            ),
+        )
+
+    def update(self, run: Run, now: datetime) -> None:
+        self._db.execute(
+            "UPDATE runs SET status = ?, submission_id = ?, rows_ok = ?, rows_failed = ?, error = ?, updated_at = ? "
+            "WHERE job = ? AND scheduled_for = ?",
+            (
+                run.status,
+                run.submission_id,
+                run.rows_ok,
+                run.rows_failed,
+                run.error,
+                _iso(now),
+                run.job,
+                _iso(run.scheduled_for),
+            ),
+        )
+
+    def runs(self, job: str | None = None, statuses: Sequence[str] | None = None) -> list[Run]:
+        """History rows, oldest scheduled time first."""
+        query, params = "SELECT * FROM runs WHERE 1 = 1", []
+        if job is not None:
+            query += " AND job = ?"
+            params.append(job)
+        if statuses is not None:
+            query += f" AND status IN ({', '.join('?' * len(statuses))})"
+            params.extend(statuses)
+        rows = self._db.execute(query + " ORDER BY scheduled_for, job", params).fetchall()
+        return [
+            Run(
+                job=r[0],
+                scheduled_for=datetime.fromisoformat(r[1]),
+                status=r[2],
+                submission_id=r[3],
+                rows_ok=r[4],
+                rows_failed=r[5],
+                error=r[6],
+                updated_at=datetime.fromisoformat(r[7]),
+            )
+            for r in rows
+        ]
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    name: str
+    path: Path
+    schedule: ScheduleSpec
+
+
+class Scheduler:
+    """Turns due times into submissions, one `tick` at a time.
+
+    `grace`: a due time older than this when first seen counts as missed (the scheduler was down)
+    and is subject to `catch_up`; younger ones are on time. `poll`: how often unfinished runs are
+    checked while waiting. Every change of a run's state is printed to `out` when given.
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[ScheduledJob],
+        history: RunHistory,
+        cluster: Cluster,
+        options: SubmitOptions | None = None,
+        clock: Clock | None = None,
+        grace: timedelta = timedelta(minutes=5),
+        poll: timedelta = timedelta(seconds=30),
+        out: TextIO | None = None,
+    ):
+        names = [job.name for job in jobs]
+        if len(set(names)) != len(names):
+            raise ScheduleError(f"two scheduled job files share a job name: {sorted(names)}")
+        self.jobs = list(jobs)
+        self.history = history
+        self.cluster = cluster
+        self.options = options or SubmitOptions()
+        self.clock = clock or SystemClock()
+        self.grace = grace
+        self.poll = poll
+        self.out = out
+        self.submit_errors = 0  # submissions that failed since this scheduler started
+
+    def tick(self) -> None:
+        """Refresh unfinished runs, record what became due, start what may start."""
+        now = self.clock.now()
+        for job in self.jobs:
+            self._refresh(job, now)
+            self._record_due(job, now)
+            self._start_next(job, now)
+
+    def run(self, max_ticks: int | None = None) -> None:
+        """Tick, then sleep until the next due time (or the next poll while runs are unfinished)."""
+        ticks = 0
+        while max_ticks is None or ticks < max_ticks:
+            self.tick()
+            ticks += 1
+            now = self.clock.now()
+            wake = min(next_after(job.schedule, now) for job in self.jobs)
+            if self.history.runs(statuses=UNFINISHED):
+                wake = min(wake, now + self.poll)
+            self.clock.sleep(max((wake - now).total_seconds(), 1.0))
+
+    def _report(self, run: Run) -> None:
+        if self.out is not None:
+            detail = f" {run.submission_id}" if run.submission_id else ""
+            rows = f" ({run.rows_ok} ok, {run.rows_failed} failed)" if run.rows_ok is not None else ""
+            error = f": {run.error}" if run.error else ""
+            print(
+                f"{run.job} {_iso(run.scheduled_for)}: {run.status}{detail}{rows}{error}",
+                file=self.out,
+                flush=True,
+            )
+
+    def _save(self, run: Run, info: RunInfo | None, now: datetime) -> None:
+        """Records what the cluster says about a submitted run."""
+        if info is None:
+            run.status, run.error = "LOST", "the cluster no longer knows this submission"
+        else:
+            run.status, run.rows_ok, run.rows_failed = info.status, info.rows_ok, info.rows_failed
+            run.error = info.message if info.status in ("FAILED", "STOPPED") else None
+        self.history.update(run, now)
+
+    def _refresh(self, job: ScheduledJob, now: datetime) -> None:
+        for run in self.history.runs(job.name, ON_CLUSTER):
+            try:
+                info = self.cluster.info(run.submission_id)
+            except ClusterUnreachable as exc:
+                log.warning("%s: cannot reach the cluster to check %s: %s", job.name, run.submission_id, exc)
+                return
+            before = run.status
+            self._save(run, info, now)
+            if run.status != before:
+                self._report(run)
+
+    def _record_due(self, job: ScheduledJob, now: datetime) -> None:
+        cursor = self.history.cursor(job.name)
+        if cursor is None:  # first time this job is seen: a run due within the grace period still counts
+            cursor = now - self.grace
+        if now <= cursor:  # the clock went back: those due times are recorded already
+            return
+        due = due_times(job.schedule, cursor, now)
+        missed = [t for t in due if now - t > self.grace]
+        on_time = [t for t in due if now - t <= self.grace]
+        policy = job.schedule.catch_up
+        # An on-time run supersedes a `latest` catch-up: both would process the same new data.
+        keep = set(missed if policy == "all" else missed[-1:] if policy == "latest" and not on_time else [])
+        recorded = []
+        with self.history.transaction():
+            for moment in missed:
+                if moment in keep:  # catch-up runs queue behind each other whatever `overlap` says
+                    run = self._queued(job, moment)
+                else:
+                    run = Run(
+                        job.name,
+                        moment,
+                        "MISSED",
+                        error=f"due while the scheduler was down (catch_up: {policy})",
+                    )
+                self.history.add(run, now)
+                recorded.append(run)
+            for moment in on_time:
+                busy = self.history.runs(job.name, UNFINISHED)
+                if busy and job.schedule.overlap == "skip":
+                    why = f"run {busy[0].submission_id} was still {busy[0].status.lower()} (overlap: skip)"
+                    run = Run(job.name, moment, "SKIPPED", error=why)
+                else:
+                    run = self._queued(job, moment)
+                self.history.add(run, now)
+                recorded.append(run)
+            self.history.set_cursor(job.name, now)
+        for run in recorded:
+            self._report(run)
+
+    @staticmethod
+    def _queued(job: ScheduledJob, moment: datetime) -> Run:
+        return Run(job.name, moment, QUEUED, submission_id=submission_id_for(job.name, moment))
+
+    def _start_next(self, job: ScheduledJob, now: datetime) -> None:
+        if self.history.runs(job.name, ON_CLUSTER):
+            return
+        queued = self.history.runs(job.name, [QUEUED])
+        if not queued:
+            return
+        run = queued[0]
+        try:
+            # Submitted before a crash that hid the answer? Then adopt it instead of submitting twice.
+            known = self.cluster.info(run.submission_id)
+            if known is not None:
+                self._save(run, known, now)
+                self._report(run)
+                return
+            self.cluster.submit(
+                job.path,
+                self.options,
+                submission_id=run.submission_id,
+                run_date=run_date_for(job.schedule, run.scheduled_for),
+                run_id=run_id_for(run.scheduled_for),
+                metadata={"lance_ray_scheduled_for": _iso(run.scheduled_for)},
+            )
+            run.status, run.error = "PENDING", None
+        except ClusterUnreachable as exc:  # stays QUEUED; the next tick tries again
+            run.error = f"cannot reach the cluster, will retry: {exc}"
+            self.submit_errors += 1
+        except (RemoteError, OSError, ValueError) as exc:
+            run.status, run.error = "SUBMIT_FAILED", f"{type(exc).__name__}: {exc}"
+            self.submit_errors += 1
+        self.history.update(run, now)
+        self._report(run)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def default_history_path() -> Path:
+    import os
+
+    return Path(os.environ.get("LANCE_RAY_HOME", Path.home() / ".lance-ray")) / "schedule.sqlite"
+
+
+def load_scheduled_jobs(paths: Sequence[str]) -> list[ScheduledJob]:
+    """Loads and validates the job files; raises JobSpecError / ScheduleError with a clear message."""
+    from lance_ray.spec import load_job
+
+    jobs = []
+    for path in paths:
+        job = load_job(path)
+        if job.schedule is None:
+            raise ScheduleError(
+                f"{path}: the job file has no `schedule:` block "
+                "(e.g. schedule: {cron: '0 2 * * *', timezone: UTC})"
+            )
+        jobs.append(ScheduledJob(job.name, Path(path).resolve(), job.schedule))
+    return jobs
+
+
+def format_history(runs: Sequence[Run], zone_of: dict[str, ZoneInfo]) -> str:
+    header = f"{'job':<20} {'scheduled for':<25} {'status':<13} {'ok':>6} {'failed':>6}  submission / error"
+    lines = [header, "-" * len(header)]
+    for run in runs:
+        local = run.scheduled_for.astimezone(zone_of.get(run.job, timezone.utc)).isoformat(timespec="minutes")
+        ok = "" if run.rows_ok is None else run.rows_ok
+        failed = "" if run.rows_failed is None else run.rows_failed
+        lines.append(
+            f"{run.job:<20} {local:<25} {run.status:<13} {ok:>6} {failed:>6}  "
+            f"{run.submission_id or ''}{'  ' + run.error if run.error else ''}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from filelock import FileLock, Timeout
+
+    from lance_ray.cli import EXIT_BAD_JOB, EXIT_OK, EXIT_RUN_FAILED
+    from lance_ray.remote import RemoteCluster, submit_options_from_args
+    from lance_ray.spec import JobSpecError
+
+    try:
+        jobs = load_scheduled_jobs(args.jobs)
+        options = submit_options_from_args(args)
+    except (JobSpecError, ScheduleError, RemoteError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_JOB
+    history_path = Path(args.history) if args.history else default_history_path()
+    zones = {job.name: ZoneInfo(job.schedule.timezone) for job in jobs}
+    if args.show:
+        runs = RunHistory(history_path).runs() if history_path.exists() else []
+        print(format_history([r for r in runs if r.job in zones], zones))
+        return EXIT_OK
+    try:
+        cluster = RemoteCluster(args.address)  # unreachable: fail before anything is recorded
+    except RemoteError as exc:
+        print(f"lance-ray schedule: {exc}", file=sys.stderr)
+        return EXIT_BAD_JOB
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(history_path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"lance-ray schedule: another scheduler is using {history_path}", file=sys.stderr)
+        return EXIT_BAD_JOB
+    try:
+        scheduler = Scheduler(
+            jobs,
+            RunHistory(history_path),
+            cluster,
+            options,
+            grace=timedelta(seconds=args.grace),
+            poll=timedelta(seconds=args.poll),
+            out=sys.stdout,
+        )
+        now = scheduler.clock.now()
+        for job in jobs:
+            s = job.schedule
+            upcoming = next_after(s, now).astimezone(zones[job.name]).isoformat()
+            print(
+                f"{job.name}: cron {s.cron!r} in {s.timezone}, overlap {s.overlap}, catch_up {s.catch_up}; "
+                f"next run {upcoming}"
+            )
+        print(f"history: {history_path}", flush=True)
+        if args.once:
+            scheduler.tick()
+            return EXIT_RUN_FAILED if scheduler.submit_errors else EXIT_OK
+        try:
+            scheduler.run()
+        except KeyboardInterrupt:
+            print("scheduler stopped; submitted runs keep running on the cluster", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        lock.release()
+
+
+def add_schedule_command(subparsers: argparse._SubParsersAction) -> None:
+    from lance_ray.remote import add_submit_options
+
+    p = subparsers.add_parser(
+        "schedule",
+        help="submit job files to a Ray cluster on their cron schedule",
+        description="Submits each job file's due runs (its `schedule:` block) through the Ray Jobs API and "
+        "keeps a run history. Runs until interrupted, or with --once submits what is due and exits "
+        "(for system cron or a Kubernetes CronJob; keep --history on persistent storage).",
+    )
+    p.add_argument("jobs", nargs="+", metavar="JOB", help="job files with a schedule: block")
+    p.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    p.add_argument("--once", action="store_true", help="submit what is due now and exit")
+    p.add_argument("--history", help=f"SQLite run history (default: {default_history_path()})")
+    p.add_argument("--show", action="store_true", help="print the run history of these jobs and exit")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=300.0,
+        help="seconds after its time a run still counts as on time, not missed (default 300)",
+    )
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between status checks of running runs")
+    add_submit_options(p)
+    p.set_defaults(func=cmd_schedule)

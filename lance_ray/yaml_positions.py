@@ -1,0 +1,226 @@
+"""YAML loading that remembers where every key and value came from.
+
+PyYAML's `safe_load` throws node positions away, but a job-file error is only useful when it
+points at `job.yaml:LINE:COL`.  So we compose the node tree ourselves and build plain Python
+values from it, recording for every path (`("steps", 0, "params", "frames")`) the position
+of its key and of its value.  While walking we also reject duplicate keys (PyYAML silently
+keeps the last one) and expand `${VAR}` / `${VAR:-default}` in string values.
+
+Nothing here knows about jobs: `spec.py` maps validation errors back through `PositionMap`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+Path = tuple[Any, ...]
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+# `$$` is an escaped dollar; `${NAME}` and `${NAME:-default}` are references; any other `${`
+# is a mistake we report rather than pass through silently.
+_ENV_TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A 1-based line and column in the source text."""
+
+    line: int
+    col: int
+
+    @classmethod
+    def of(cls, yaml_mark: yaml.Mark) -> Mark:
+        return cls(yaml_mark.line + 1, yaml_mark.column + 1)
+
+
+@dataclass(frozen=True)
+class NodePosition:
+    key: Mark | None  # None for list items and the document root
+    value: Mark
+
+
+@dataclass
+class PositionMap:
+    """Positions of every key/value in a loaded document, by path."""
+
+    by_path: dict[Path, NodePosition] = field(default_factory=dict)
+
+    def resolve(self, loc: Path) -> Path:
+        """The longest known path matching `loc`, skipping components we never saw.
+
+        Validation libraries insert synthetic components into error locations (union member
+        names, `[key]`), so unknown components are skipped rather than ending the walk.
+        """
+        path: Path = ()
+        for part in loc:
+            if path + (part,) in self.by_path:
+                path = path + (part,)
+        return path
+
+    def locate(self, loc: Path, *, at_key: bool = False) -> Mark:
+        """Where to point for a problem at `loc`: the key if asked and known, else the value."""
+        path = self.resolve(loc)
+        pos = self.by_path.get(path)
+        if pos is None:
+            return Mark(1, 1)
+        if at_key and pos.key is not None:
+            return pos.key
+        return pos.value
+
+
+@dataclass
+class LoadedYaml:
+    data: Any
+    positions: PositionMap
+    problems: list[tuple[Mark, str]]  # syntax, duplicate keys, env references
+
+
+def load_yaml(text: str, env: Mapping[str, str]) -> LoadedYaml:
+    """Parse one YAML document; never raises for bad input, problems are returned instead."""
+    positions = PositionMap()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = Mark.of(mark) if mark is not None else Mark(1, 1)
+        message = err.problem or err.context or "invalid YAML"
+        if err.context and err.problem and not err.context.startswith("while "):
+            message = f"{err.context}, {err.problem}"  # e.g. "expected a single document ..., but found ..."
+        line = text.splitlines()[where.line - 1] if where.line <= len(text.splitlines()) else ""
+        if "${" in line:
+            # `{` ends a plain scalar inside `{...}`, so `{steps: ${N}}` cannot parse.
+            message += " (inside {...} or [...] write ${VAR} references in quotes, or use block style)"
+        return LoadedYaml(None, positions, [(where, f"YAML syntax error: {message}")])
+    if root is None:
+        return LoadedYaml(None, positions, [(Mark(1, 1), "the job file is empty")])
+    builder = _Builder(env, positions)
+    data = builder.build(root, (), None)
+    return LoadedYaml(data, positions, builder.problems)
+
+
+class _Builder:
+    def __init__(self, env: Mapping[str, str], positions: PositionMap) -> None:
+        self.env = env
+        self.positions = positions
+        self.problems: list[tuple[Mark, str]] = []
+        self.constructor = SafeConstructor()
+        self.resolver = yaml.resolver.Resolver()
+
+    def build(self, node: Node, path: Path, key_mark: Mark | None) -> Any:
+        self.positions.by_path[path] = NodePosition(key_mark, Mark.of(node.start_mark))
+        if isinstance(node, MappingNode) and node.tag == _MAP_TAG:
+            return self._mapping(node, path)
+        if isinstance(node, SequenceNode) and node.tag == _SEQ_TAG:
+            return [self.build(item, path + (i,), None) for i, item in enumerate(node.value)]
+        if isinstance(node, ScalarNode) and node.tag == _STR_TAG:
+            return self._string(node)
+        return self._construct(node)
+
+    def _mapping(self, node: MappingNode, path: Path) -> dict[Any, Any]:
+        # Duplicates are checked among the node's own keys only: keys pulled in by a `<<` merge
+        # are meant to be overridden.
+        first_seen: dict[Any, Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self._construct(key_node)
+            here = Mark.of(key_node.start_mark)
+            if _hashable(key) and key in first_seen:
+                self.problems.append(
+                    (here, f"duplicate key {key!r} (first defined at line {first_seen[key].line})")
+                )
+            elif _hashable(key):
+                first_seen[key] = here
+        try:
+            self.constructor.flatten_mapping(node)
+        except ConstructorError as err:
+            self.problems.append((_mark_of(err, node), f"bad merge key: {err.problem}"))
+            return {}
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self._construct(key_node)
+            if not _hashable(key):
+                self.problems.append(
+                    (
+                        Mark.of(key_node.start_mark),
+                        'a mapping key must be a scalar (a Jinja template must be quoted: "{{ column }}")',
+                    )
+                )
+                continue
+            if key in result and key in first_seen and first_seen[key] != Mark.of(key_node.start_mark):
+                continue  # a reported duplicate: keep the first definition
+            result[key] = self.build(value_node, path + (key,), Mark.of(key_node.start_mark))
+        return result
+
+    def _string(self, node: ScalarNode) -> Any:
+        text = node.value
+        if "$" not in text:
+            return text
+        expanded = self._interpolate(text, Mark.of(node.start_mark))
+        if node.style is None:
+            # A plain scalar that was a reference (`steps: ${STEPS}`) gets its type from the
+            # expanded text, exactly as if the value had been written there.
+            tag = self.resolver.resolve(ScalarNode, expanded, (True, False))
+            return self._construct(ScalarNode(tag, expanded, node.start_mark, node.end_mark))
+        return expanded
+
+    def _interpolate(self, text: str, where: Mark) -> str:
+        def replace(match: re.Match[str]) -> str:
+            token = match.group(0)
+            if token == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name is None:
+                self.problems.append(
+                    (
+                        where,
+                        "malformed environment reference: use ${NAME} or ${NAME:-default} ($$ for a literal $)",
+                    )
+                )
+                return token
+            value = self.env.get(name)
+            if value:
+                return value
+            if default is not None:
+                return default
+            if value is None:
+                self.problems.append(
+                    (
+                        where,
+                        f"environment variable {name} is not set (use ${{{name}:-default}} to give a default)",
+                    )
+                )
+                return ""
+            return value  # set but empty, and no default: empty is what was asked for
+
+        return _ENV_TOKEN.sub(replace, text)
+
+    def _construct(self, node: Node) -> Any:
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except ConstructorError as err:
+            self.problems.append((_mark_of(err, node), f"cannot read value: {err.problem}"))
+            return None
+
+
+def _mark_of(err: ConstructorError, node: Node) -> Mark:
+    return Mark.of(err.problem_mark) if err.problem_mark is not None else Mark.of(node.start_mark)
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True

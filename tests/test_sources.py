@@ -1,0 +1,351 @@
+"""Step inputs → canonical rows: formats, stable ids, column mapping, templates, row errors, from_step, S3."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lance_ray import storage
+from lance_ray.media import decode_image
+from lance_ray.sinks import write_part
+from lance_ray.sources import CANONICAL_SCHEMA, SourceError, media_row_id, open_source
+from lance_ray.spec import Job
+
+DATASETS = Path(__file__).resolve().parent.parent / "datasets"
+
+
+def make_job(base: Path, *steps: dict, output: str | None = None) -> Job:
+    data = {"name": "t", "output": output or str(base / "out"), "steps": list(steps)}
+    return Job.model_validate(data, context={"base_dir": str(base)})
+
+
+def rows_of(job: Job, name: str | None = None, upstream: dict | None = None) -> list[dict]:
+    step = job.steps[0] if name is None else job.step(name)
+    return list(open_source(step, job, upstream).iter_rows())
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- samples
+
+
+def test_prompts_jsonl_with_mapped_ids_and_seeds():
+    job = make_job(
+        DATASETS,
+        {"name": "g", "task": "t2i", "input": {"path": "prompts.jsonl", "columns": {"row_id": "id"}}},
+    )
+    rows = rows_of(job)
+    source_lines = [json.loads(line) for line in (DATASETS / "prompts.jsonl").read_text().splitlines()]
+    assert [r["row_id"] for r in rows] == [s["id"] for s in source_lines]
+    assert [r["seed"] for r in rows] == [s["seed"] for s in source_lines]
+    assert [r["prompt"] for r in rows] == [s["prompt"] for s in source_lines]
+    assert all(r.get("error") is None and r.get("image") is None for r in rows)
+    assert json.loads(rows[0]["input_row"]) == source_lines[0]
+
+
+def test_edits_jsonl_media_paths_are_relative_to_the_table():
+    job = make_job(DATASETS, {"name": "e", "task": "image_edit", "input": {"path": "edits.jsonl"}})
+    rows = rows_of(job)
+    source_lines = [json.loads(line) for line in (DATASETS / "edits.jsonl").read_text().splitlines()]
+    assert [r["row_id"] for r in rows] == [f"edits-{i}" for i in range(len(source_lines))]
+    assert [r["prompt"] for r in rows] == [s["instruction"] for s in source_lines]  # unmapped: 'instruction'
+    for row, line in zip(rows, source_lines, strict=True):
+        assert row["image"] == str(DATASETS / line["image"])
+        assert decode_image(row["image"]).ndim == 3
+
+
+def test_questions_csv_keeps_strings(tmp_path):
+    job = make_job(DATASETS, {"name": "q", "task": "x2t_image", "input": {"path": "questions.csv"}})
+    rows = rows_of(job)
+    with open(DATASETS / "questions.csv", newline="") as f:
+        source = list(csv.DictReader(f))
+    assert [r["prompt"] for r in rows] == [s["question"] for s in source]
+    assert [r["row_id"] for r in rows] == [f"questions-{i}" for i in range(len(source))]
+
+    (tmp_path / "ids.csv").write_text("id,prompt\n007,hello\n")
+    job = make_job(
+        tmp_path, {"name": "g", "task": "t2i", "input": {"path": "ids.csv", "columns": {"row_id": "id"}}}
+    )
+    assert rows_of(job)[0]["row_id"] == "007"
+
+
+def test_image_directory_glob_and_list_give_the_same_stable_ids(tmp_path):
+    shutil.copytree(DATASETS / "images", tmp_path / "images")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    (tmp_path / "images" / ".hidden.png").write_bytes(b"")
+    (tmp_path / "images" / ".thumbs").mkdir()
+    shutil.copy(DATASETS / "images" / "tiles_256x256.png", tmp_path / "images" / ".thumbs" / "t.png")
+    by_dir = make_job(tmp_path, {"name": "c", "task": "x2t_image", "input": {"path": "images"}})
+    by_glob = make_job(tmp_path, {"name": "c", "task": "x2t_image", "input": {"path": "images/*"}})
+    rows = rows_of(by_dir)
+    names = sorted(p.name for p in (DATASETS / "images").iterdir())
+    assert [Path(r["image"]).name for r in rows] == names
+    assert [r["row_id"] for r in rows] == [media_row_id(n) for n in names]
+    assert rows == rows_of(by_glob)
+    assert [r["row_id"] for r in rows] == [r["row_id"] for r in rows_of(by_dir)]  # stable across reads
+    assert all("/" not in r["row_id"] and r.get("error") is None for r in rows)
+
+    nested = make_job(tmp_path, {"name": "c", "task": "x2t_image", "input": {"path": "."}})
+    nested_ids = [r["row_id"] for r in rows_of(nested)]
+    assert nested_ids == [media_row_id(f"images/{n}") for n in names]
+    assert len(set(nested_ids)) == len(names)
+
+
+def test_list_of_inputs_shares_one_root(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        write_jsonl(tmp_path / sub / "p.jsonl", [{"prompt": f"from {sub}"}])
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": ["a/p.jsonl", "b/p.jsonl"]}})
+    rows = rows_of(job)
+    assert [r["prompt"] for r in rows] == ["from a", "from b"]
+    ids = [r["row_id"] for r in rows]
+    assert len(set(ids)) == 2 and all(i.endswith("-0") and "/" not in i for i in ids)
+
+    (tmp_path / "a" / "README.md").write_text("# not a table")
+    folder = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "a", "format": "jsonl"}})
+    assert [r["prompt"] for r in rows_of(folder)] == ["from a"]
+
+
+def test_mixed_directory_picks_what_the_task_reads():
+    captions = make_job(DATASETS, {"name": "c", "task": "x2t_video", "input": {"path": "."}})
+    assert {Path(r["video"]).suffix for r in rows_of(captions)} == {".mp4"}
+    prompts = make_job(DATASETS, {"name": "g", "task": "t2i", "input": {"path": "."}})
+    assert {r["row_id"].rsplit("-", 1)[0] for r in rows_of(prompts)} == {"edits", "prompts", "questions"}
+
+
+def test_parquet_input_and_limit(tmp_path):
+    table = pa.table({"caption": ["a cat", "a dog", "a fox"], "s": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "data.parquet")
+    job = make_job(
+        tmp_path,
+        {
+            "name": "g",
+            "task": "t2i",
+            "input": {"path": "data.parquet", "columns": {"prompt": "caption", "seed": "s"}, "limit": 2},
+        },
+    )
+    source = open_source(job.steps[0], job)
+    rows = list(source.iter_rows())
+    assert [(r["row_id"], r["prompt"], r["seed"]) for r in rows] == [
+        ("data-0", "a cat", 1),
+        ("data-1", "a dog", 2),
+    ]
+    assert source.count() == 2
+
+
+def test_inline_rows_and_templates(tmp_path):
+    job = make_job(
+        tmp_path,
+        {
+            "name": "g",
+            "task": "t2i",
+            "input": {
+                "rows": [{"subject": "a cat"}, {"subject": "a dog", "seed": 5}],
+                "prompt": "A photo of {{ subject }}.",
+            },
+        },
+    )
+    rows = rows_of(job)
+    assert [(r["row_id"], r["prompt"], r.get("seed")) for r in rows] == [
+        ("row-0", "A photo of a cat.", None),
+        ("row-1", "A photo of a dog.", 5),
+    ]
+
+
+def test_unusable_rows_become_error_rows(tmp_path):
+    write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "ok", "subject": "cat", "s": "3"},
+            {"id": "no-subject", "s": "1"},  # the template names a missing column
+            {"id": "bad-seed", "subject": "dog", "s": "three"},
+            {"id": "no-seed", "subject": "fox"},  # a mapped column is missing
+            "{not json",
+            "[1, 2]",
+        ],
+    )
+    job = make_job(
+        tmp_path,
+        {
+            "name": "g",
+            "task": "t2i",
+            "input": {"path": "p.jsonl", "prompt": "{{ subject }}", "columns": {"row_id": "id", "seed": "s"}},
+        },
+    )
+    rows = {r["row_id"]: r for r in rows_of(job)}
+    assert list(rows) == ["ok", "no-subject", "bad-seed", "no-seed", "p-4", "p-5"]
+    assert rows["ok"].get("error") is None and (rows["ok"]["prompt"], rows["ok"]["seed"]) == ("cat", 3)
+    assert "'subject' is undefined" in rows["no-subject"]["error"]
+    assert "not an integer" in rows["bad-seed"]["error"]
+    assert "'s'" in rows["no-seed"]["error"]
+    assert "invalid JSON" in rows["p-4"]["error"] and "not a JSON object" in rows["p-5"]["error"]
+
+
+def test_empty_prompt_and_missing_media_are_row_errors(tmp_path):
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": "   "}, {"prompt": ""}, {"other": 1}])
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "p.jsonl"}})
+    errors = [r.get("error") for r in rows_of(job)]
+    assert errors[0] is None
+    assert all(e and "non-empty prompt" in e for e in errors[1:])
+
+    write_jsonl(tmp_path / "e.jsonl", [{"instruction": "make it blue"}])
+    job = make_job(tmp_path, {"name": "e", "task": "image_edit", "input": {"path": "e.jsonl"}})
+    assert "needs an input image" in rows_of(job)[0]["error"]
+
+    write_jsonl(tmp_path / "q.jsonl", [{"image": "x.png"}])  # understanding: the question may be empty
+    job = make_job(tmp_path, {"name": "q", "task": "x2t_image", "input": {"path": "q.jsonl"}})
+    row = rows_of(job)[0]
+    assert row.get("error") is None and row["image"] == str(tmp_path / "x.png")
+
+
+def test_ids_are_sanitised_and_duplicates_rejected(tmp_path):
+    write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "../../etc/passwd", "prompt": "x"}, {"id": "a/b", "prompt": "y"}]
+    )
+    job = make_job(
+        tmp_path, {"name": "g", "task": "t2i", "input": {"path": "p.jsonl", "columns": {"row_id": "id"}}}
+    )
+    ids = [r["row_id"] for r in rows_of(job)]
+    assert ids == [storage.safe_token("../../etc/passwd"), storage.safe_token("a/b")]
+    assert all("/" not in i and ".." not in i for i in ids)
+
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"id": "x", "prompt": "1"}, {"id": "y", "prompt": "2"}, {"id": "x", "prompt": "3"}],
+    )
+    job = make_job(
+        tmp_path, {"name": "g", "task": "t2i", "input": {"path": "d.jsonl", "columns": {"row_id": "id"}}}
+    )
+    with pytest.raises(SourceError, match="duplicate row_id 'x'"):
+        rows_of(job)
+
+
+def test_bad_inputs_raise_source_error(tmp_path):
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "nowhere.jsonl"}})
+    with pytest.raises(SourceError, match="no such file"):
+        rows_of(job)
+    (tmp_path / "empty").mkdir()
+    job = make_job(tmp_path, {"name": "c", "task": "x2t_image", "input": {"path": "empty"}})
+    with pytest.raises(SourceError, match="no .*files found"):
+        rows_of(job)
+    (tmp_path / "data.xyz").write_text("?")
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "data.xyz"}})
+    with pytest.raises(SourceError, match="input.format"):
+        rows_of(job)
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "broken.parquet"}})
+    with pytest.raises(SourceError, match="cannot read as parquet"):
+        rows_of(job)
+
+
+def test_from_step_reads_committed_ok_rows(tmp_path):
+    job = make_job(
+        tmp_path,
+        {"name": "gen", "task": "t2i", "input": {"rows": [{"prompt": "p"}]}},
+        {"name": "edit", "task": "image_edit", "input": {"from_step": "gen", "prompt": "Make it blue."}},
+        {
+            "name": "cap",
+            "task": "x2t_image",
+            "input": {"from_step": "edit", "prompt": "Was it {{ prompt }}?"},
+        },
+        {"name": "regen", "task": "t2i", "input": {"from_step": "cap", "columns": {"prompt": "text"}}},
+    )
+    gen_out = job.step("gen").output_path(job)
+    write_part(gen_out, [
+        {"row_id": "r1", "step": "gen", "task": "t2i", "prompt": "a cat", "media_uri": "/m/r1.png"},
+        {"row_id": "r2", "step": "gen", "task": "t2i", "prompt": "a dog", "error": "boom"},
+    ])  # fmt: skip
+    edit = rows_of(job, "edit")
+    assert [(r["row_id"], r["image"], r["prompt"]) for r in edit] == [("r1", "/m/r1.png", "Make it blue.")]
+
+    edit_out = str(tmp_path / "elsewhere")  # `upstream` overrides the configured output path
+    write_part(edit_out, [{"row_id": "r1", "step": "edit", "task": "image_edit", "prompt": "Make it blue.",
+                           "image": "/m/r1.png", "media_uri": "/m/r1-edit.png"}])  # fmt: skip
+    cap = rows_of(job, "cap", upstream={"edit": edit_out})
+    assert [(r["row_id"], r["image"], r["prompt"]) for r in cap] == [
+        ("r1", "/m/r1-edit.png", "Was it Make it blue.?")
+    ]
+
+    cap_out = job.step("cap").output_path(job)
+    write_part(
+        cap_out,
+        [
+            {
+                "row_id": "r1",
+                "step": "cap",
+                "task": "x2t_image",
+                "image": "/m/r1-edit.png",
+                "text": "A blue cat.",
+            }
+        ],
+    )
+    regen = rows_of(job, "regen")
+    assert [(r["row_id"], r["prompt"], r["image"]) for r in regen] == [
+        ("r1", "A blue cat.", "/m/r1-edit.png")
+    ]
+
+
+def test_to_dataset_streams_arrow_blocks_and_excludes_committed(tmp_path, ray_local):
+    import ray
+
+    write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"prompt {i}", "seed": i} for i in range(600)] + [{"prompt": ""}]
+    )
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "p.jsonl"}})
+    source = open_source(job.steps[0], job)
+    skip = {f"p-{i}" for i in range(0, 600, 3)}
+    blocks = ray.get(source.to_dataset(exclude_row_ids=skip).to_arrow_refs())
+    assert len(blocks) > 1  # several blocks, so the CPU stages spread over tasks
+    table = pa.concat_tables(blocks)
+    assert table.schema.equals(CANONICAL_SCHEMA)
+    want = [
+        {name: r.get(name) for name in CANONICAL_SCHEMA.names}
+        for r in source.iter_rows()
+        if r["row_id"] not in skip
+    ]
+    assert len(want) == 401
+    assert table.to_pylist() == want
+    assert table.column("error").to_pylist()[-1] is not None  # the empty prompt travels as an error row
+
+
+def test_s3_inputs(s3_server, tmp_path):
+    bucket = f"src-{uuid.uuid4().hex[:8]}"
+    fs, _ = storage.filesystem_for(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    fs.put(str(DATASETS / "images"), f"{bucket}/data/images", recursive=True)
+    fs.put(str(DATASETS / "edits.jsonl"), f"{bucket}/data/edits.jsonl")
+
+    job = make_job(
+        tmp_path, {"name": "c", "task": "x2t_image", "input": {"path": f"s3://{bucket}/data/images"}}
+    )
+    rows = rows_of(job)
+    names = sorted(p.name for p in (DATASETS / "images").iterdir())
+    assert [r["image"] for r in rows] == [f"s3://{bucket}/data/images/{n}" for n in names]
+    assert [r["row_id"] for r in rows] == [media_row_id(n) for n in names]  # same ids as a local copy
+    np.testing.assert_array_equal(
+        decode_image(rows[0]["image"]), decode_image(str(DATASETS / "images" / names[0]))
+    )
+
+    glob = make_job(
+        tmp_path, {"name": "c", "task": "x2t_image", "input": {"path": f"s3://{bucket}/data/images/*.jpg"}}
+    )
+    assert [r["row_id"] for r in rows_of(glob)] == [media_row_id(n) for n in names if n.endswith(".jpg")]
+
+    edits = make_job(
+        tmp_path, {"name": "e", "task": "image_edit", "input": {"path": f"s3://{bucket}/data/edits.jsonl"}}
+    )
+    first = rows_of(edits)[0]
+    assert first["row_id"] == "edits-0"
+    assert first["image"] == f"s3://{bucket}/data/images/sunset_320x240.jpg"
+    assert decode_image(first["image"]).shape == (240, 320, 3)
