@@ -133,7 +133,7 @@ class DebugBackend:
             media = row.image if row.image is not None else row.video
             shape = "x".join(str(n) for n in media.shape) if media is not None else "none"
             return TaskOutput(text=f"[debug backend: not a model output] {task} {shape} {digest}")
-        rng = np.random.default_rng(row.seed)
+        rng = np.random.default_rng(int(digest, 16))  # depends on prompt and seed, like a model's output
         if task in ("image_edit", "video_edit", "i2v"):
             source = row.image if row.image is not None else row.video
             height, width = source.shape[-3], source.shape[-2]

@@ -67,6 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if job is None:
         return EXIT_BAD_JOB
     _warn_debug_backends(job)
+    if args.output:
+        job = job.model_copy(update={"output": str(Path(args.output).resolve()) if "://" not in args.output
+                                     else args.output})
     if args.run_date or args.run_id:
         job = job.with_run_context(run_date=args.run_date or "", run_id=args.run_id or "")
     try:
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="discard committed outputs and start clean")
+    p.add_argument("--output", help="output root, overriding the job file's `output` (steps with their own "
+                   "output.path keep it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--run-id", help="run id (fills {run_id} in output paths)")
     p.add_argument("--run-date", help="run date (fills {run_date} in output paths)")

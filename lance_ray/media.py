@@ -1,9 +1,11 @@
 """Image and video decode/encode: uint8 RGB numpy arrays in and out.
 
-Decoding matches the official Lance loader (PIL for images, frames as RGB uint8 for videos) with two
-deliberate differences, both of which only matter for inputs the official code mis-handles:
+Decoding matches the official Lance loader (PIL for images, frames as RGB uint8 for videos) with
+deliberate differences that only matter for inputs the official code mis-handles:
 * the EXIF orientation tag of an image is applied (the official code ignores it, so a portrait
   photo stored sideways is fed sideways);
+* gray+alpha images (`LA`, `PA`) are composited on white like RGBA (the official code drops their
+  alpha, so transparent areas come out in whatever colour they happen to store);
 * the display matrix of a video (phone videos recorded upright but stored rotated) is applied to
   the decoded frames (decord, used by the official code, ignores it).
 For every other input the pixels are the same.

@@ -520,9 +520,10 @@ def _cluster(args: argparse.Namespace) -> RemoteCluster:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from lance_ray.spec import JobSpecError
+    from lance_ray.spec import JobSpecError, load_job
 
     try:
+        load_job(args.job)  # a bad job file fails here, before any network
         options = submit_options_from_args(args)
         cluster = _cluster(args)
         submission_id = cluster.submit(

@@ -25,7 +25,7 @@ import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, get_args
 
 import jinja2
 import jinja2.meta
@@ -833,7 +833,7 @@ def load_job_text(
     yaml_problems = [SpecProblem(filename, m.line, m.col, msg) for m, msg in loaded.problems]
     if loaded.data is None:
         raise JobSpecError(yaml_problems)
-    context = {"base_dir": str(Path(base_dir or Path.cwd())), "positioned_checks": True}
+    context = {"base_dir": os.path.abspath(base_dir or os.getcwd()), "positioned_checks": True}
     problems: list[SpecProblem] = []
     job: Job | None = None
     try:
@@ -902,15 +902,9 @@ def _validate_pruned(model: type[_ModelT], raw: Any) -> tuple[_ModelT | None, li
 def _drop(data: Any, loc: tuple[Any, ...]) -> None:
     """Delete the mapping entry at `loc`, if there is one (list items are kept: indices matter)."""
     for part in loc[:-1]:
-        if (
-            isinstance(data, dict)
-            and part in data
-            or isinstance(data, list)
-            and isinstance(part, int)
-            and part < len(data)
-        ):
+        try:
             data = data[part]
-        else:
+        except (KeyError, IndexError, TypeError):
             return
     if isinstance(data, dict):
         data.pop(loc[-1], None)
@@ -935,12 +929,25 @@ def _pydantic_problem(error: Any, positions: PositionMap, problem: Any) -> SpecP
         return problem(loc, f"{prefix}unknown {what} {value!r}; expected one of {expected}")
     if kind == "value_error":  # our own validators: the message already says what was wrong
         return problem(loc, prefix + error["msg"].removeprefix("Value error, "))
-    message = error["msg"]
+    message = _TYPE_MESSAGES.get(kind, error["msg"])
     if kind == "list_type" and loc and loc[-1] == "path":
-        message = "Input should be a path string or a list of them"
+        message = "expected a path or a list of paths"
     if value is None or isinstance(value, (str, int, float, bool)):
         message += f" (got {value!r})"
     return problem(loc, prefix + message)
+
+
+# pydantic's wording names our classes ("instance of InputSpec"); say it in YAML terms.
+_TYPE_MESSAGES = {
+    "model_type": "expected a mapping",
+    "dict_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "list_type": "expected a list",
+    "string_type": "expected a string",
+    "int_type": "expected an integer",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+}
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -968,8 +975,6 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if get_origin(annotation) is Annotated:
-        return _model_in(get_args(annotation)[0])
     for arg in get_args(annotation):
         found = _model_in(arg)
         if found is not None:

@@ -107,8 +107,3 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem_for(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()

@@ -97,8 +97,8 @@ def load_yaml(text: str, env: Mapping[str, str]) -> LoadedYaml:
         message = err.problem or err.context or "invalid YAML"
         if err.context and err.problem and not err.context.startswith("while "):
             message = f"{err.context}, {err.problem}"  # e.g. "expected a single document ..., but found ..."
-        line = text.splitlines()[where.line - 1] if where.line <= len(text.splitlines()) else ""
-        if "${" in line:
+        lines = text.splitlines()
+        if where.line <= len(lines) and "${" in lines[where.line - 1]:
             # `{` ends a plain scalar inside `{...}`, so `{steps: ${N}}` cannot parse.
             message += " (inside {...} or [...] write ${VAR} references in quotes, or use block style)"
         return LoadedYaml(None, positions, [(where, f"YAML syntax error: {message}")])
@@ -116,16 +116,26 @@ class _Builder:
         self.problems: list[tuple[Mark, str]] = []
         self.constructor = SafeConstructor()
         self.resolver = yaml.resolver.Resolver()
+        self.open_nodes: set[int] = set()  # collections being built, to catch `&a [*a]`
 
     def build(self, node: Node, path: Path, key_mark: Mark | None) -> Any:
         self.positions.by_path[path] = NodePosition(key_mark, Mark.of(node.start_mark))
-        if isinstance(node, MappingNode) and node.tag == _MAP_TAG:
-            return self._mapping(node, path)
-        if isinstance(node, SequenceNode) and node.tag == _SEQ_TAG:
-            return [self.build(item, path + (i,), None) for i, item in enumerate(node.value)]
-        if isinstance(node, ScalarNode) and node.tag == _STR_TAG:
-            return self._string(node)
-        return self._construct(node)
+        if isinstance(node, ScalarNode):
+            return self._string(node) if node.tag == _STR_TAG else self._construct(node)
+        if id(node) in self.open_nodes:
+            # An alias shares its anchor's node, so the key is the only trace of where it is used.
+            where = key_mark or Mark.of(node.start_mark)
+            self.problems.append((where, "an alias refers to a node that contains it"))
+            return None
+        self.open_nodes.add(id(node))
+        try:
+            if isinstance(node, MappingNode) and node.tag == _MAP_TAG:
+                return self._mapping(node, path)
+            if isinstance(node, SequenceNode) and node.tag == _SEQ_TAG:
+                return [self.build(item, path + (i,), None) for i, item in enumerate(node.value)]
+            return self._construct(node)
+        finally:
+            self.open_nodes.discard(id(node))
 
     def _mapping(self, node: MappingNode, path: Path) -> dict[Any, Any]:
         # Duplicates are checked among the node's own keys only: keys pulled in by a `<<` merge

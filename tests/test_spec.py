@@ -245,7 +245,7 @@ steps:
 def test_quoted_env_reference_stays_a_string() -> None:
     text = one_step("t2i", "{rows: [{prompt: a}]}", '    params: {steps: "${STEPS}"}\n')
     (problem,) = problems_of(text, env={"STEPS": "12"})
-    assert "valid integer" in problem.message
+    assert problem.message.endswith("expected an integer (got '12')")
 
 
 def test_dollar_escape_and_os_environ_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -521,3 +521,10 @@ def test_errors_and_jobs_survive_pickling(tmp_path: Path) -> None:
     copy = pickle.loads(pickle.dumps(job))
     assert copy == job
     assert copy.source_path == str(path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_job_files_are_valid(path: Path) -> None:
+    job = load_job(path)
+    for step in job.steps:
+        assert step.params_for(job).seed is not None

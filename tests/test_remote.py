@@ -1,0 +1,373 @@
+"""Remote submission through the Ray Jobs API, against a real Ray head started by this module.
+
+The head (`jobs_head`) is `ray start --head --block` in a subprocess of its own session, with its
+own `--temp-dir` and free ports. Ray records a started cluster's address in its temp dir, so with a
+private one `ray.init()` elsewhere in the test session never discovers this head. Teardown sends
+SIGTERM to the blocking `ray start` (which stops the processes it started) and SIGKILLs any process
+of its session still left. `ray stop` is never used: it stops every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, free_port
+
+from lance_ray.cli import main
+from lance_ray.remote import (
+    JOB_TAG,
+    RemoteCluster,
+    RunInfo,
+    StagingError,
+    exit_code_for,
+    stage_job,
+)
+from lance_ray.sinks import read_step_output
+from lance_ray.sources import open_source
+from lance_ray.spec import load_job
+
+SAMPLE_IMAGES = REPO_ROOT / "datasets" / "images"
+
+
+# ------------------------------------------------------------------------------------ the head
+
+
+def _session_processes(session_id: int) -> list[int]:
+    """Pids of the processes whose session id is `session_id` (all started by our `ray start`)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session …
+        if int(fields[3]) == session_id:
+            pids.append(int(entry))
+    return pids
+
+
+def _wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/api/version", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the Ray dashboard at {url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def jobs_head() -> Iterator[str]:
+    """The dashboard address (Jobs API) of a private local Ray head with 2 CPUs."""
+    temp = Path(tempfile.mkdtemp(prefix="lrh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    port, dashboard, client, agent = (free_port() for _ in range(4))
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": str(temp),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    log = temp / "ray-start.log"
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
+        f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats",
+    ]  # fmt: skip
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_dashboard(address, proc, log)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        for pid in _session_processes(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+# ------------------------------------------------------------------------------------- staging
+
+
+def make_project(root: Path) -> Path:
+    """A job whose inputs are a folder, an absolute glob, a table naming media by relative path,
+    and an S3 URI, plus a file nothing references."""
+    (root / "data" / "imgs").mkdir(parents=True)
+    (root / "media").mkdir()
+    (root / "extra").mkdir()
+    (root / "jobs").mkdir()
+    shutil.copy(SAMPLE_IMAGES / "sunset_320x240.jpg", root / "data" / "imgs" / "sunset.jpg")
+    shutil.copy(SAMPLE_IMAGES / "tiles_256x256.png", root / "data" / "imgs" / "tiles.png")
+    shutil.copy(SAMPLE_IMAGES / "banner_384x160.png", root / "extra" / "banner.png")
+    shutil.copy(SAMPLE_IMAGES / "tower_240x320.jpg", root / "media" / "tower.jpg")
+    (root / "data" / "unrelated.bin").write_bytes(b"\0" * 1000)
+    (root / "data" / "q.jsonl").write_text('{"id": "q1", "img": "../media/tower.jpg", "question": "What?"}\n')
+    job = root / "jobs" / "job.yaml"
+    job.write_text(
+        textwrap.dedent(f"""\
+        name: staged
+        models: {{image: {{source: lance-tiny, backend: debug}}}}
+        output: ../out/{{run_date}}
+        ray: {{address: "ray://elsewhere:10001"}}
+        steps:
+          - name: caption
+            task: x2t_image
+            input: {{path: [../data/imgs, "{root}/extra/*.png"], prompt: "Describe it."}}
+          - name: ask
+            task: x2t_image
+            input:
+              path: ../data/q.jsonl
+              columns: {{row_id: id, image: img}}
+              prompt: "{{{{ question }}}} (${{SECRET_WORD}})"
+          - name: remote
+            task: t2i
+            input: {{path: "s3://bucket/prompts.jsonl"}}
+        """)
+    )
+    return job
+
+
+def test_stage_job_keeps_layout_row_ids_and_leaves_secrets_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECRET_WORD", "hunter2")
+    job_path = make_project(tmp_path / "project")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    staged = stage_job(job_path, staging)
+
+    text = (staging / staged.job_file).read_text()
+    assert "hunter2" not in text and "${SECRET_WORD}" in text  # expanded on the cluster, not here
+    assert "ray" not in yaml.safe_load(text)
+    assert any("${SECRET_WORD}" in note for note in staged.notes)
+    assert any("`ray:` block" in note for note in staged.notes)
+    assert sorted(staged.files) == ["data/imgs/sunset.jpg", "data/imgs/tiles.png", "data/q.jsonl",
+                                    "extra/banner.png", "media/tower.jpg"]  # fmt: skip
+    assert staged.size_bytes == sum((staging / f).stat().st_size for f in staged.files) + len(
+        job_path.read_text()
+    )
+
+    original = load_job(job_path)
+    monkeypatch.setenv("SECRET_WORD", "set-on-the-cluster")
+    copy = load_job(staging / staged.job_file)
+    assert copy.output == original.output  # local outputs become absolute: same place as before
+    assert copy.step("remote").input.path == ["s3://bucket/prompts.jsonl"]
+    for name in ("caption", "ask"):
+        before = list(open_source(original.step(name), original).iter_rows())
+        after = list(open_source(copy.step(name), copy).iter_rows())
+        assert [r["row_id"] for r in after] == [r["row_id"] for r in before]
+        assert all(r.get("error") is None for r in after)
+        assert all(Path(r["image"]).is_relative_to(staging) and Path(r["image"]).is_file() for r in after)
+        assert [Path(r["image"]).name for r in after] == [Path(r["image"]).name for r in before]
+    assert [r["prompt"] for r in open_source(copy.step("ask"), copy).iter_rows()] == [
+        "What? (set-on-the-cluster)"
+    ]
+
+
+def test_stage_job_refuses_inputs_over_the_limit(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "big.png").write_bytes(os.urandom(30_000))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: big\nmodels: {image: {source: lance-tiny, backend: debug}}\n"
+        "steps: [{name: c, task: x2t_image, input: {path: imgs}}]\n"
+    )
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(StagingError) as err:
+        stage_job(job, staging, max_bytes=20_000)
+    assert "big.png" in str(err.value) and "S3" in str(err.value)
+    assert list(staging.iterdir()) == []  # refused before anything was copied
+
+
+def test_exit_code_follows_the_run():
+    def info(status: str, driver_exit_code: int | None) -> RunInfo:
+        return RunInfo("id", status, "j", "lance-ray run j.yaml", None, None, None, {}, {}, driver_exit_code)
+
+    assert exit_code_for(info("SUCCEEDED", 0)) == 0
+    assert exit_code_for(info("FAILED", 1)) == 1  # `lance-ray run`: some rows failed
+    assert exit_code_for(info("FAILED", 2)) == 2  # bad job file on the cluster
+    assert exit_code_for(info("FAILED", None)) == 3  # the driver never ran (e.g. runtime env setup failed)
+    assert exit_code_for(info("STOPPED", None)) == 3
+
+
+def test_unreachable_address_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SECRET_WORD", "x")
+    job = make_project(tmp_path)
+    assert main(["submit", str(job), "--address", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
+    assert main(["list", "--address", "http://127.0.0.1:9"]) == 2
+
+
+def test_env_from_local_must_be_set(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LANCE_RAY_NOT_SET", raising=False)
+    rc = main(["submit", str(write_caption_job(tmp_path)), "--env-from-local", "LANCE_RAY_NOT_SET"])
+    assert rc == 2 and "LANCE_RAY_NOT_SET" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ against the head
+
+
+def write_caption_job(root: Path, *, schedule: str | None = None) -> Path:
+    (root / "imgs").mkdir(parents=True)
+    for name in ("sunset_320x240.jpg", "tiles_256x256.png"):
+        shutil.copy(SAMPLE_IMAGES / name, root / "imgs" / name)
+    job = root / "caption.yaml"
+    job.write_text(
+        textwrap.dedent(f"""\
+        name: remote-caption
+        models: {{image: {{source: lance-tiny, backend: debug}}}}
+        output: {root / "out" / "{run_date}"}
+        {"schedule: " + schedule if schedule else ""}
+        steps:
+          - name: caption
+            task: x2t_image
+            input: {{path: imgs, prompt: "Describe it."}}
+            params: {{preset: image_256res}}
+        """)
+    )
+    return job
+
+
+def test_submit_follow_status_logs_list(jobs_head, tmp_path, capsys, monkeypatch):
+    secret = "s3cr3t-value-never-printed"
+    monkeypatch.setenv("LANCE_RAY_TEST_TOKEN", secret)
+    job = write_caption_job(tmp_path)
+    rc = main(["submit", str(job), "--address", jobs_head, "--follow", "--run-date", "2026-02-03",
+               "--env-from-local", "LANCE_RAY_TEST_TOKEN"])  # fmt: skip
+    submitted = capsys.readouterr()
+    assert rc == 0, submitted.err[-3000:]
+    submission_id = submitted.out.splitlines()[0]
+    assert "LANCE_RAY_SUMMARY" in submitted.out  # the followed logs
+
+    table = read_step_output(str(tmp_path / "out" / "2026-02-03" / "caption"))
+    expected_ids = [
+        r["row_id"] for r in open_source(load_job(job).step("caption"), load_job(job)).iter_rows()
+    ]
+    assert sorted(table.column("row_id").to_pylist()) == sorted(expected_ids)
+    assert table.column("error").null_count == table.num_rows == 2
+
+    cluster = RemoteCluster(jobs_head)
+    info = cluster.info(submission_id)
+    assert (info.status, info.job_name, info.rows_ok, info.rows_failed) == (
+        "SUCCEEDED",
+        "remote-caption",
+        2,
+        0,
+    )
+    assert info.runtime_env["env_vars"] == {"LANCE_RAY_TEST_TOKEN": secret}  # forwarded to the job …
+
+    assert main(["status", submission_id, "--address", jobs_head]) == 0
+    status = capsys.readouterr().out
+    assert "SUCCEEDED" in status and "2 ok, 0 failed" in status and "LANCE_RAY_TEST_TOKEN=***" in status
+    assert main(["list", "--address", jobs_head]) == 0
+    listing = capsys.readouterr().out
+    (row,) = [line for line in listing.splitlines() if line.startswith(submission_id)]
+    assert row.split()[1:3] == ["remote-caption", "SUCCEEDED"] and row.split()[-2:] == ["2", "0"]
+    assert main(["logs", submission_id, "--address", jobs_head]) == 0
+    logs = capsys.readouterr().out
+    assert "LANCE_RAY_SUMMARY" in logs
+    for text in (submitted.out, submitted.err, status, listing, logs):  # … and never printed
+        assert secret not in text
+
+
+def test_status_logs_stop_on_a_long_running_job(jobs_head, capsys):
+    cluster = RemoteCluster(jobs_head)
+    submission_id = cluster.client.submit_job(
+        entrypoint=f"{sys.executable} -c \"import time; print('sleeping', flush=True); time.sleep(600)\"",
+        metadata={JOB_TAG: "sleeper"},
+    )
+    wait_for(lambda: "sleeping" in cluster.logs(submission_id), what="the job to start")
+    assert main(["status", submission_id, "--address", jobs_head]) == 0
+    assert "status:     RUNNING" in capsys.readouterr().out
+    assert main(["logs", submission_id, "--address", jobs_head]) == 0
+    assert "sleeping" in capsys.readouterr().out
+
+    assert main(["stop", submission_id, "--address", jobs_head]) == 0
+    assert "stop requested" in capsys.readouterr().out
+    wait_for(lambda: cluster.info(submission_id).status == "STOPPED", timeout=60, what="STOPPED")
+    assert main(["logs", submission_id, "--address", jobs_head, "--follow"]) == 3  # ended, not succeeded
+    assert main(["stop", submission_id, "--address", jobs_head]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_scheduler_submits_a_real_run(jobs_head, tmp_path):
+    from test_schedule import FakeClock
+
+    from lance_ray.schedule import RunHistory, Scheduler, load_scheduled_jobs, submission_id_for
+
+    job = write_caption_job(tmp_path, schedule='{cron: "0 2 * * *", timezone: "America/Los_Angeles"}')
+    scheduled_for = datetime(2026, 1, 1, 10, tzinfo=timezone.utc)  # 02:00 in Los Angeles (UTC-8)
+    clock = FakeClock(scheduled_for + timedelta(seconds=20))
+    cluster = RemoteCluster(jobs_head)
+    scheduler = Scheduler(
+        load_scheduled_jobs([str(job)]), RunHistory(tmp_path / "h.sqlite"), cluster, clock=clock
+    )
+    scheduler.tick()
+    submission_id = submission_id_for("remote-caption", scheduled_for)
+    wait_for(lambda: cluster.info(submission_id).status in ("SUCCEEDED", "FAILED"), what="the scheduled run")
+    clock.sleep(60)
+    scheduler.tick()
+    (run,) = scheduler.history.runs("remote-caption")
+    assert (run.status, run.submission_id, run.rows_ok, run.rows_failed) == ("SUCCEEDED", submission_id, 2, 0)
+    assert read_step_output(str(tmp_path / "out" / "2026-01-01" / "caption")).num_rows == 2
+    assert cluster.info(submission_id).metadata["lance_ray_scheduled_for"] == "2026-01-01T10:00:00+00:00"
+
+
+def test_schedule_once_with_nothing_due(jobs_head, tmp_path, capsys):
+    job = write_caption_job(tmp_path, schedule='{cron: "0 0 1 1 *"}')
+    history = tmp_path / "h.sqlite"
+    assert main(["schedule", str(job), "--once", "--address", jobs_head, "--history", str(history)]) == 0
+    out = capsys.readouterr().out
+    assert "remote-caption: cron '0 0 1 1 *' in UTC" in out and "next run" in out
+    assert main(["schedule", str(job), "--show", "--history", str(history)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2  # header and rule only: nothing ran
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(jobs_head, tmp_path, capsys):
+    """`lance-ray submit jobs/quickstart.yaml --follow`: the real tiny model on the cluster."""
+    job_path = REPO_ROOT / "jobs" / "quickstart.yaml"
+    out = tmp_path / "quickstart"
+    rc = main(["submit", str(job_path), "--address", jobs_head, "--follow", "--output", str(out)])
+    assert rc == 0, capsys.readouterr().out[-5000:]
+    job = load_job(job_path)
+    for step in job.steps:
+        table = read_step_output(str(out / step.name))
+        assert table.num_rows == open_source(step, job).count()
+        assert table.column("error").null_count == table.num_rows, step.name
