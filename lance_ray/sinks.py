@@ -143,12 +143,21 @@ def _list_parts(output_uri: str) -> list[str]:
 
 
 def _read_parts(output_uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All parts, oldest first, in `OUTPUT_SCHEMA` (or its `columns`). A column that an older part
+    lacks (written before the column existed) reads as nulls, so resuming survives upgrades."""
     fs, _ = filesystem_for(output_uri)
     schema = OUTPUT_SCHEMA if columns is None else pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
-    tables = [pq.read_table(path, filesystem=fs, columns=columns) for path in _list_parts(output_uri)]
-    if not tables:
-        return schema.empty_table()
-    return pa.concat_tables([t.cast(schema) for t in tables])
+    tables = []
+    for path in _list_parts(output_uri):
+        part = pq.ParquetFile(path, filesystem=fs)
+        present = [name for name in schema.names if name in part.schema_arrow.names]
+        table = part.read(columns=present)
+        arrays = [
+            table.column(f.name).cast(f.type) if f.name in present else pa.nulls(table.num_rows, f.type)
+            for f in schema
+        ]
+        tables.append(pa.Table.from_arrays(arrays, schema=schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def _dedupe_last(table: pa.Table) -> pa.Table:

@@ -5,8 +5,9 @@ A step reads exactly one of
 * `path`: a file, directory, glob, fsspec URI (`s3://…`) or a list of those, holding tables
   (JSONL, CSV, Parquet) or media files (images / videos, picked by extension);
 * `from_step`: the committed, error-free output rows of an earlier step. Their columns (`text`,
-  `prompt`, `media_uri`, …) are the row's columns; the upstream result becomes `image` / `video`
-  (text-producing steps pass their own input media on).
+  `prompt`, `media_uri`, …) are the row's columns for templates and mapping; the upstream result
+  becomes `image` / `video` (text-producing steps pass their own input media on). The upstream
+  prompt and seed are not reused unless mapped (`columns: {prompt: text}`).
 
 Every row becomes a canonical row (`CANONICAL_SCHEMA`):
 `row_id, prompt, image, video, seed, input_row, error`. A row that cannot be used (a missing
@@ -205,8 +206,9 @@ def _read_jsonl(f: io.BufferedIOBase) -> Iterator[dict | str]:
 
 
 def _read_csv(f: io.BufferedIOBase) -> Iterator[dict]:
-    # Every value stays a string (no type guessing: an id "007" must not become 7).
-    yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
+    # Every value stays a string (no type guessing: an id "007" must not become 7). Cells beyond
+    # the header go to one named list instead of DictReader's default `None` key.
+    yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""), restkey="_extra_cells")
 
 
 def _read_parquet(f: io.BufferedIOBase) -> Iterator[dict]:
@@ -228,15 +230,25 @@ def _resolve_media(value: Any, table_uri: str) -> Any:
 # ------------------------------------------------------------------------------------------ the source
 
 
-def _column_candidates(columns: ColumnMap) -> dict[str, tuple[tuple[str, ...], bool]]:
+def _column_candidates(columns: ColumnMap, from_step: bool) -> dict[str, tuple[tuple[str, ...], bool]]:
     """For each canonical field: the source columns to try in order, and whether the user mapped it
-    (a mapped column that is missing is a row error; an absent default column is simply empty)."""
-    prompt = columns.prompt_column()
-    out = {"prompt": ((prompt,), True) if prompt else (PROMPT_COLUMNS, False)}
-    for name in ("image", "video", "seed", "row_id"):
-        mapped = getattr(columns, name)
-        out[name] = ((mapped,), True) if mapped else ((name,), False)
-    return out
+    (a mapped column that is missing is a row error; an absent default column is simply empty).
+
+    Rows from another step carry that step's own prompt and seed; they only become this step's
+    when mapped explicitly (`columns: {prompt: text}`), never by default.
+    """
+    defaults = {
+        "prompt": () if from_step else PROMPT_COLUMNS,
+        "seed": () if from_step else ("seed",),
+        "image": ("image",),
+        "video": ("video",),
+        "row_id": ("row_id",),
+    }
+    mapped = {
+        "prompt": columns.prompt_column(),
+        **{n: getattr(columns, n) for n in ("image", "video", "seed", "row_id")},
+    }
+    return {name: ((mapped[name],), True) if mapped[name] else (defaults[name], False) for name in defaults}
 
 
 def _to_json(row: Mapping[str, Any]) -> str:
@@ -250,7 +262,7 @@ class StepSource:
         self.step = step
         self.task: str = step.task
         self.input = step.input
-        self.columns = _column_candidates(step.input.columns)
+        self.columns = _column_candidates(step.input.columns, from_step=step.input.from_step is not None)
         self.prompt_template = (
             None if step.input.prompt is None else compile_prompt_template(step.input.prompt)
         )

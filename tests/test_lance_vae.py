@@ -111,7 +111,10 @@ def test_load_file_strict(tmp_path: Path, state_dict: dict[str, torch.Tensor], v
     torch.save(state_dict, path)
     loaded = load_vae(path)
     assert loaded.config == VAEConfig.small() and loaded.dtype == torch.float32
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), vae.state_dict().values(), strict=True)
+    )
     with pytest.raises(RuntimeError, match="Unexpected key"):
         WanVAE.from_state_dict({**state_dict, "encoder.extra.weight": torch.zeros(1)})
 
@@ -152,7 +155,9 @@ def test_encode_and_sample(vae: WanVAE, case: str) -> None:
     assert max_rel(log_var, g["enc_log_var"]) <= 1e-4
     # the golden eps is the default CPU generator's draw after manual_seed(eps seed)
     z = vae.sample(mu, log_var, torch.Generator().manual_seed(CASES[case][1]))
-    assert torch.equal(z - mu, (g["enc_eps"] * torch.exp(0.5 * log_var)))  # same eps, same formula
+    assert torch.equal(
+        z, vae.sample(mu, log_var, eps=g["enc_eps"])
+    )  # the generator reproduces the golden eps
     assert max_rel(z, g["enc_sample"]) <= 1e-4
     given = vae.sample(g["enc_mu_norm"], g["enc_log_var"], eps=g["enc_eps"])
     assert max_rel(given, g["enc_sample"]) <= 1e-6
@@ -171,21 +176,47 @@ def test_encode_ignores_frames_after_4k_plus_1(vae: WanVAE) -> None:
 # --------------------------------------------------------------------------------------------------
 # decode
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["img_304x224", "rand_latent_3x4x5"])
-def test_decode_floats_and_uint8(vae: WanVAE, case: str) -> None:
-    g = golden(case)
-    out, hooks = record({"conv2": vae.conv2})
+@pytest.fixture(scope="module", params=["img_304x224", "rand_latent_3x4x5"])
+def decoded(request: pytest.FixtureRequest, vae: WanVAE) -> tuple[str, list[torch.Tensor], dict]:
+    """One decode per case, with the decoder's stages recorded."""
+    dec = vae.decoder
+    modules = {
+        "conv2": vae.conv2,
+        "conv1": dec.conv1,
+        "middle": dec.middle[2],
+        "up0": dec.upsamples[0],
+        "decoder": dec,
+    }
+    out, hooks = record(modules)
     try:
-        chunks = list(vae.decode_chunks(latent(g["dec_input_thwc"])))
+        chunks = list(vae.decode_chunks(latent(golden(request.param)["dec_input_thwc"])))
     finally:
         for hook in hooks:
             hook.remove()
+    return request.param, chunks, out
+
+
+def test_decode_floats_and_uint8(decoded: tuple[str, list[torch.Tensor], dict]) -> None:
+    case, chunks, out = decoded
+    g = golden(case)
     assert max_rel(out["conv2"][0], g["dec_conv2_out"]) <= 1e-4
     pre_clamp = torch.cat(chunks, dim=2)[0]
     assert pre_clamp.shape == g["dec_out_preclamp"].shape
     assert max_abs(pre_clamp, g["dec_out_preclamp"]) <= 1e-4
     assert float((pre_clamp.abs() > 1).float().mean()) > 0  # the clamp matters for this case
     assert_uint8_close(to_uint8(pre_clamp).permute(1, 2, 3, 0), g["dec_uint8_thwc"])
+
+
+def test_decoder_stages_per_latent_frame(decoded: tuple[str, list[torch.Tensor], dict]) -> None:
+    case, chunks, out = decoded
+    t = golden(case)["dec_input_thwc"].shape[0]
+    # one decoder call per latent frame, each fed a single latent frame: 1 pixel frame, then 4 per call
+    assert len(out["decoder"]) == t and [c.shape[2] for c in chunks] == [1] + [4] * (t - 1)
+    if case == "rand_latent_3x4x5":
+        g = golden(case)
+        for name in ("conv1", "middle", "up0"):
+            for i in range(t):
+                assert max_rel(out[name][i], g[f"dec_stage_{name}_chunk{i}"]) <= 1e-4, (name, i)
 
 
 def test_decode_video_sample(vae: WanVAE) -> None:
@@ -200,33 +231,15 @@ def test_denormalisation(vae: WanVAE) -> None:
     assert torch.equal(latent(g["dec_input_thwc"]) / inv_std + mean, g["dec_z_denorm"])
 
 
-def test_decoder_stages_per_latent_frame(vae: WanVAE) -> None:
-    g = golden("rand_latent_3x4x5")
-    dec = vae.decoder
-    out, hooks = record(
-        {"conv1": dec.conv1, "middle": dec.middle[2], "up0": dec.upsamples[0], "decoder": dec}
-    )
-    try:
-        chunks = list(vae.decode_chunks(latent(g["dec_input_thwc"])))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    # one decoder call per latent frame, each fed a single latent frame
-    assert len(out["decoder"]) == 3 and [c.shape[2] for c in chunks] == [1, 4, 4]
-    for name in ("conv1", "middle", "up0"):
-        for i in range(3):
-            assert max_rel(out[name][i], g[f"dec_stage_{name}_chunk{i}"]) <= 1e-4, (name, i)
-
-
-def test_decode_is_causal_and_streamed(vae: WanVAE) -> None:
-    z = latent(golden("rand_latent_3x4x5")["dec_input_thwc"])
-    full = vae.decode_uint8(z)
-    assert full.shape == (1, 9, 64, 80, 3)
-    # frames of a prefix of the latent are exactly the prefix of the frames
-    assert torch.equal(vae.decode_uint8(z[:, :, :2]), full[:, :5])
+def test_decode_is_causal_and_apis_agree(vae: WanVAE) -> None:
+    z = torch.randn(2, 48, 3, 2, 3, generator=torch.Generator().manual_seed(0))  # batch of 2, small frames
+    frames = vae.decode_uint8(z)
+    assert frames.shape == (2, 9, 32, 48, 3) and frames.dtype == torch.uint8
+    # the frames of a latent prefix are exactly the prefix of the frames
+    assert torch.equal(vae.decode_uint8(z[:, :, :2]), frames[:, :5])
     clamped = vae.decode(z)
     assert float(clamped.abs().max()) <= 1
-    assert torch.equal(to_uint8(clamped).permute(0, 2, 3, 4, 1), full)
+    assert torch.equal(to_uint8(clamped).permute(0, 2, 3, 4, 1), frames)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,10 +252,11 @@ def test_bf16(state_dict: dict[str, torch.Tensor]) -> None:
     mu, log_var = vae16.encode(pixels("img_304x224"))
     assert cos(mu, g["enc_mu_norm"]) >= 0.999 and max_rel(mu, g["enc_mu_norm"]) <= 0.05
     assert cos(log_var, g["enc_log_var"]) >= 0.999 and max_rel(log_var, g["enc_log_var"]) <= 0.05
-    # the bf16 golden decodes the fp32 latent
-    z = latent(golden("rand_latent_3x4x5")["dec_input_thwc"])
+    # the bf16 golden decodes the fp32 latent; its first 2 latent frames (5 pixel frames) suffice, as
+    # decoding is causal, and bf16 convs are slow on CPU
+    z = latent(golden("rand_latent_3x4x5")["dec_input_thwc"])[:, :, :2]
     pre = torch.cat(list(vae16.decode_chunks(z)), dim=2)[0]
-    ref = golden("rand_latent_3x4x5", "bf16")["dec_out_preclamp"]
+    ref = golden("rand_latent_3x4x5", "bf16")["dec_out_preclamp"][:, :5]
     assert cos(pre, ref) >= 0.999 and max_rel(pre, ref) <= 0.05
 
 
@@ -250,32 +264,32 @@ def test_bf16(state_dict: dict[str, torch.Tensor]) -> None:
 # an independent implementation: diffusers' AutoencoderKLWan, fed the same weights through a key map
 # --------------------------------------------------------------------------------------------------
 def diffusers_key(key: str) -> str:
-    for side, blocks, new_blocks, n_res, resampler in (
+    rules = [
+        (r"^conv1\.", "quant_conv."),
+        (r"^conv2\.", "post_quant_conv."),
+        (r"\.shortcut\.", ".conv_shortcut."),
+    ]
+    rules += [
+        (rf"\.residual\.{i}\.", f".{name}.")
+        for i, name in ((0, "norm1"), (2, "conv1"), (3, "norm2"), (6, "conv2"))
+    ]
+    for side, blocks, new, n_res, resampler in (
         ("encoder", "downsamples", "down_blocks", 2, "downsampler"),
         ("decoder", "upsamples", "up_blocks", 3, "upsampler"),
     ):
-        key = re.sub(rf"^{side}\.conv1\.", f"{side}.conv_in.", key)
-        key = re.sub(rf"^{side}\.head\.0\.", f"{side}.norm_out.", key)
-        key = re.sub(rf"^{side}\.head\.2\.", f"{side}.conv_out.", key)
-        key = re.sub(rf"^{side}\.middle\.1\.", f"{side}.mid_block.attentions.0.", key)
-        key = re.sub(
-            rf"^{side}\.middle\.([02])\.", lambda m: f"{side}.mid_block.resnets.{int(m[1]) // 2}.", key
-        )
-        key = re.sub(
-            rf"^{side}\.{blocks}\.(\d+)\.{blocks}\.(\d+)\.",
-            lambda m: (
-                f"{side}.{new_blocks}.{m[1]}."
-                + (f"resnets.{m[2]}." if int(m[2]) < n_res else f"{resampler}.")
-            ),
-            key,
-        )
-    key = re.sub(
-        r"\.residual\.(\d)\.",
-        lambda m: "." + {"0": "norm1", "2": "conv1", "3": "norm2", "6": "conv2"}[m[1]] + ".",
-        key,
-    )
-    key = key.replace(".shortcut.", ".conv_shortcut.")
-    return re.sub(r"^conv2\.", "post_quant_conv.", re.sub(r"^conv1\.", "quant_conv.", key))
+        rules += [
+            (rf"^{side}\.conv1\.", f"{side}.conv_in."),
+            (rf"^{side}\.head\.0\.", f"{side}.norm_out."),
+            (rf"^{side}\.head\.2\.", f"{side}.conv_out."),
+            (rf"^{side}\.middle\.0\.", f"{side}.mid_block.resnets.0."),
+            (rf"^{side}\.middle\.1\.", f"{side}.mid_block.attentions.0."),
+            (rf"^{side}\.middle\.2\.", f"{side}.mid_block.resnets.1."),
+            (rf"^{side}\.{blocks}\.(\d+)\.{blocks}\.{n_res}\.", rf"{side}.{new}.\1.{resampler}."),
+            (rf"^{side}\.{blocks}\.(\d+)\.{blocks}\.(\d+)\.", rf"{side}.{new}.\1.resnets.\2."),
+        ]
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
 
 
 def test_matches_diffusers(state_dict: dict[str, torch.Tensor], vae: WanVAE) -> None:

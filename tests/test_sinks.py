@@ -7,6 +7,7 @@ import os
 import uuid
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -200,3 +201,14 @@ def test_s3_parts_media_manifest_and_resume(s3_server):
     fs.invalidate_cache()
     assert committed_row_ids(out) == set()
     assert not fs.exists(f"{bucket}/runs/gen/media")
+
+
+def test_parts_from_an_older_schema_still_read(tmp_path):
+    old_schema = pa.schema([f for f in OUTPUT_SCHEMA if f.name != "turn_media_uris"])
+    old = pa.Table.from_pylist([out_row("old", text="kept")], schema=old_schema)
+    pq.write_table(old, tmp_path / part_name(["old"]))
+    write_part(str(tmp_path), [out_row("new", turn_media_uris=["t1.png", "t2.png"])])
+    rows = {r["row_id"]: r for r in read_step_output(str(tmp_path)).to_pylist()}
+    assert rows["old"]["text"] == "kept" and rows["old"]["turn_media_uris"] is None
+    assert rows["new"]["turn_media_uris"] == ["t1.png", "t2.png"]
+    assert committed_row_ids(str(tmp_path)) == {"old", "new"}

@@ -79,6 +79,11 @@ def test_questions_csv_keeps_strings(tmp_path):
     )
     assert rows_of(job)[0]["row_id"] == "007"
 
+    (tmp_path / "ragged.csv").write_text("prompt\nhello,extra,cells\n")
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "ragged.csv"}})
+    row = rows_of(job)[0]
+    assert row["prompt"] == "hello" and json.loads(row["input_row"])["_extra_cells"] == ["extra", "cells"]
+
 
 def test_image_directory_glob_and_list_give_the_same_stable_ids(tmp_path):
     shutil.copytree(DATASETS / "images", tmp_path / "images")
@@ -260,14 +265,25 @@ def test_from_step_reads_committed_ok_rows(tmp_path):
             "input": {"from_step": "edit", "prompt": "Was it {{ prompt }}?"},
         },
         {"name": "regen", "task": "t2i", "input": {"from_step": "cap", "columns": {"prompt": "text"}}},
+        {"name": "bare", "task": "image_edit", "input": {"from_step": "gen"}},
+        {
+            "name": "reuse",
+            "task": "image_edit",
+            "input": {"from_step": "gen", "columns": {"prompt": "prompt", "seed": "seed"}},
+        },
     )
     gen_out = job.step("gen").output_path(job)
     write_part(gen_out, [
-        {"row_id": "r1", "step": "gen", "task": "t2i", "prompt": "a cat", "media_uri": "/m/r1.png"},
+        {"row_id": "r1", "step": "gen", "task": "t2i", "prompt": "a cat", "media_uri": "/m/r1.png", "seed": 11},
         {"row_id": "r2", "step": "gen", "task": "t2i", "prompt": "a dog", "error": "boom"},
     ])  # fmt: skip
     edit = rows_of(job, "edit")
     assert [(r["row_id"], r["image"], r["prompt"]) for r in edit] == [("r1", "/m/r1.png", "Make it blue.")]
+    assert edit[0].get("seed") is None  # the upstream's seed is not this step's per-row seed
+    bare = rows_of(job, "bare")  # nor is its prompt this step's instruction
+    assert "non-empty prompt" in bare[0]["error"]
+    reuse = rows_of(job, "reuse")
+    assert (reuse[0]["prompt"], reuse[0]["seed"], reuse[0].get("error")) == ("a cat", 11, None)
 
     edit_out = str(tmp_path / "elsewhere")  # `upstream` overrides the configured output path
     write_part(edit_out, [{"row_id": "r1", "step": "edit", "task": "image_edit", "prompt": "Make it blue.",

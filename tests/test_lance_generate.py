@@ -1,0 +1,175 @@
+"""Generation parity with the official code (fp32, KV path) on the tiny checkpoint, and batching.
+
+Goldens: tests/fixtures/golden/fp32_kv/<task>/generation.* (see tests/test_lance_sampler.py for how they
+were trimmed).  The golden VAE is the full-size random one, so the conditions it produced are injected:
+``cond_latent`` (the sampled VAE posterior the official run used) and, for edits, the ViT output
+``vit_out_0`` (the ViT itself is tested in the understanding tests).  Everything else -- layouts, position
+ids, noise, prefill, 30 denoising steps with CFG -- is ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lance_ray.models.lance.checkpoint import load_lance_model, resolve_checkpoint
+from lance_ray.models.lance.generate import GenerationInput, StepInfo, denoise
+from lance_ray.models.lance.sampler import SamplerSettings
+from lance_ray.models.lance.tokenizer import LanceTokenizer
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "fp32_kv"
+TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit"]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ckpt: Path) -> dict[str, tuple]:
+    out = {}
+    for family in ("image", "video"):
+        files = resolve_checkpoint(str(tiny_ckpt), family)
+        model, _ = load_lance_model(files, "cpu", torch.float32)
+        out[family] = (model, LanceTokenizer(files.model_dir))
+    return out
+
+
+def _golden(task: str) -> tuple[dict[str, torch.Tensor], dict]:
+    return (
+        load_file(GOLDEN / task / "generation.safetensors"),
+        json.loads((GOLDEN / task / "generation_meta.json").read_text()),
+    )
+
+
+def _golden_input(task: str, prompt: str | None = None, seed: int = 42) -> GenerationInput:
+    g, meta = _golden(task)
+    t, h, w, _ = g["final_latent_target"].shape
+    kwargs = {}
+    if "vit_out_0" in g:
+        gt, gh, gw = g["vit_grid_thw_0"][0].tolist()  # ViT patch grid; the LLM sees merged 2x2 groups
+        kwargs.update(vit_tokens=g["vit_out_0"], vit_grid=(gt, gh // 2, gw // 2))
+    if "cond_latent" in g:
+        kwargs["cond_latent"] = g["cond_latent"]
+    return GenerationInput(prompt if prompt is not None else meta["prompt"], (t, h, w), seed, **kwargs)
+
+
+def _max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+class _Recorder:
+    """Keeps copies of what the steps listed in the golden trajectory saw, plus every call's positions."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+        self.x: dict[int, torch.Tensor] = {}
+        self.step0: StepInfo | None = None
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step in self.steps:
+            self.x[info.step] = info.x.clone()
+        if info.step == 0:
+            self.step0 = StepInfo(
+                0,
+                info.sigma.clone(),
+                info.query.clone(),
+                info.x.clone(),
+                info.v_cond.clone(),
+                None if info.v_uncond is None else info.v_uncond.clone(),
+                info.v.clone(),
+            )
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_denoising_matches_official(task: str, models, monkeypatch: pytest.MonkeyPatch) -> None:
+    g, meta = _golden(task)
+    model, tok = models[meta["model_family"]]
+    calls: list[tuple[torch.Tensor, list]] = []
+    forward = model.llm.forward
+
+    def recording_forward(x, pos, rows, **kwargs):
+        calls.append((pos.clone(), [[s.length for s in r] for r in rows]))
+        return forward(x, pos, rows, **kwargs)
+
+    monkeypatch.setattr(model.llm, "forward", recording_forward)
+    rec = _Recorder(g["x_t_trajectory_steps"].tolist())
+    latents = denoise(model, tok, task, [_golden_input(task)], SamplerSettings(), on_step=rec)
+
+    # Position ids fed to the model: prefill (cond row, then uncond row) + the first step's two queries.
+    (prefill_pos, prefill_rows), (query_pos, query_rows) = calls[0], calls[1]
+    n_cond, n_uncond = (sum(r) for r in prefill_rows)
+    n_query = query_rows[0][0]
+    assert query_rows == [[n_query], [n_query]]
+    cond = torch.cat([prefill_pos[:, :n_cond], query_pos[:, :n_query]], dim=1)
+    uncond = torch.cat([prefill_pos[:, n_cond:], query_pos[:, n_query:]], dim=1)
+    assert torch.equal(cond, g["position_ids_cond"])
+    assert torch.equal(uncond, g["position_ids_uncond"])  # including the official KV-path quirk
+    # One prefill, then one batched call per step (cond + uncond rows together, or cond only).
+    assert len(calls) == 1 + meta["sampler"]["num_timesteps"]
+    assert [len(r) for _, r in calls[1:]] == [2] * len(calls[1:])
+    cfg_calls = [sum(1 for row in r if row) == 2 for _, r in calls[1:]]
+    assert cfg_calls == meta["cfg_applied_per_step"]
+
+    step0 = rec.step0
+    assert torch.equal(step0.x[0], g["x_t_init_denoised"])  # the official initial noise, bit for bit
+    assert _max_rel(step0.query[0], g["step0_cond_query_embeds"]) < 1e-5
+    assert _max_rel(step0.v_cond[0], g["step0_v_cond_target_span"]) < 1e-4
+    assert _max_rel(step0.v_uncond[0], g["step0_v_uncond_target_span"]) < 1e-4
+    assert _max_rel(step0.v[0], g["step0_v_cfg_renormed_target_span"]) < 1e-4
+    for k, step in enumerate(g["x_t_trajectory_steps"].tolist()):
+        assert _max_rel(rec.x[step][0], g["x_t_trajectory"][k]) < 1e-3, f"step {step}"
+    assert latents.shape == (1, *g["final_latent_target"].shape)
+    assert _max_rel(latents[0], g["final_latent_target"]) < 1e-3
+    if task == "i2v":  # latent frame 0 is the clean first frame, untouched
+        assert torch.equal(latents[0, :1], g["cond_latent"])
+
+
+@pytest.mark.parametrize("task", ["t2i", "image_edit"])
+def test_batch_neighbours_do_not_change_a_sample(task: str, models) -> None:
+    """The golden sample in a batch with other prompts/seeds (other prefix lengths) gives its alone result."""
+    g, meta = _golden(task)
+    model, tok = models[meta["model_family"]]
+    others = {
+        "t2i": ["A lighthouse on a cliff at dusk.", "Two cats playing chess in a library, warm light, 35mm."],
+        "image_edit": ["Make it night."],
+    }[task]
+    batch = [_golden_input(task)] + [_golden_input(task, p, seed=7 + i) for i, p in enumerate(others)]
+    settings = SamplerSettings()
+    together = denoise(model, tok, task, batch, settings)
+    for b, inp in enumerate(batch):
+        alone = denoise(model, tok, task, [inp], settings)[0]
+        torch.testing.assert_close(together[b], alone, rtol=1e-5, atol=1e-5)
+    assert _max_rel(together[0], g["final_latent_target"]) < 1e-3
+    assert not torch.allclose(together[0], together[1], atol=1e-2)
+
+
+def test_cfg_scale_one_runs_the_conditional_branch_only(models) -> None:
+    g, meta = _golden("t2i")
+    model, tok = models["image"]
+    seen: list[StepInfo] = []
+    settings = SamplerSettings(steps=3, cfg_scale=1.0)
+    latents = denoise(model, tok, "t2i", [_golden_input("t2i")], settings, on_step=lambda s: seen.append(s))
+    assert [s.v_uncond for s in seen] == [None] * 3
+    assert all(s.v is s.v_cond for s in seen)
+    # The conditional branch does not depend on whether an unconditional cache exists.
+    assert _max_rel(seen[0].v_cond[0], g["step0_v_cond_target_span"]) < 1e-4
+    assert latents.shape == (1, 1, 4, 6, 48)
+
+
+def test_input_validation(models) -> None:
+    model, tok = models["image"]
+    settings = SamplerSettings(steps=1)
+    with pytest.raises(ValueError, match="one target shape"):
+        denoise(model, tok, "t2i", [GenerationInput("a", (1, 4, 6), 0), GenerationInput("b", (1, 4, 4), 0)],
+                settings)
+    with pytest.raises(ValueError, match="one latent frame"):
+        denoise(model, tok, "t2i", [GenerationInput("a", (2, 4, 6), 0)], settings)
+    with pytest.raises(ValueError, match="needs vit_tokens"):
+        denoise(model, tok, "image_edit", [GenerationInput("a", (1, 4, 6), 0)], settings)
+    with pytest.raises(ValueError, match="first frame"):
+        denoise(model, tok, "i2v", [GenerationInput("a", (2, 4, 6), 0, cond_latent=torch.zeros(2, 4, 6, 48))],
+                settings)
+    with pytest.raises(ValueError, match="no visual conditions"):
+        denoise(model, tok, "t2v", [GenerationInput("a", (2, 4, 6), 0, cond_latent=torch.zeros(1, 4, 6, 48))],
+                settings)
