@@ -11,6 +11,7 @@ loudly; it is never a default.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ class Backend(Protocol):
     name: str
     model_id: str
     model_revision: str
+    load_info: dict[str, Any]  # load time, peak memory ... (reported once per actor)
 
     def run(self, task: str, inputs: list[TaskInput], params: Params) -> list[TaskOutput]: ...
 
@@ -62,7 +64,8 @@ class LanceBackend:
             model.source, family=family, revision=model.revision, device=model.device, dtype=model.precision
         )
         self.model_id = model.source
-        self.model_revision = getattr(self.pipeline, "revision", None) or model.revision or "local"
+        self.model_revision = self.pipeline.revision or model.revision or "local"
+        self.load_info = dataclasses.asdict(self.pipeline.load_stats)
 
     def run(self, task: str, inputs: list[TaskInput], params: Params) -> list[TaskOutput]:
         pipe = self.pipeline
@@ -120,6 +123,7 @@ class DebugBackend:
 
     name = "debug"
     model_revision = "debug"
+    load_info: dict[str, Any] = {}
 
     def __init__(self, model: ModelRef, family: str) -> None:
         self.model_id = f"debug:{family}"

@@ -276,14 +276,23 @@ def _time(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, timezone.utc) if ms else None
 
 
+def _auth_hint(address: str, exc: Exception) -> str:
+    return (
+        f"the Ray cluster at {address} uses token authentication: run with RAY_AUTH_MODE=token and the "
+        f"cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token ({exc})"
+    )
+
+
 class RemoteCluster:
     """A Ray cluster's Jobs API. Construction checks that the dashboard answers."""
 
     def __init__(self, address: str | None = None):
         import requests
+        from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
 
         self._connection_errors = (ConnectionError, requests.exceptions.ConnectionError)
+        self._auth_error = AuthenticationError
         where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "auto"
         try:
             self.client = JobSubmissionClient(address)
@@ -292,6 +301,8 @@ class RemoteCluster:
                 f"cannot reach the Ray Jobs API at {where} ({exc}); pass the dashboard address of a running "
                 "cluster, e.g. --address http://HEAD:8265 (`ray dashboard cluster.yaml` forwards it locally)"
             ) from None
+        except AuthenticationError as exc:
+            raise RemoteError(_auth_hint(where, exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise RemoteError(f"cannot use the Ray Jobs API at {where}: {exc}") from None
         self.address = where
@@ -301,6 +312,8 @@ class RemoteCluster:
             return method(*args)
         except self._connection_errors as exc:
             raise ClusterUnreachable(f"lost the Ray Jobs API at {self.address}: {exc}") from None
+        except self._auth_error as exc:
+            raise RemoteError(_auth_hint(self.address, exc)) from None
 
     def submit(
         self,

@@ -106,4 +106,3 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-

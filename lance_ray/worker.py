@@ -178,7 +178,7 @@ class LanceWorker:
                 "load_s": round(time.perf_counter() - started, 3),
                 "at": datetime.now(timezone.utc).isoformat(),
             }
-            event.update(getattr(getattr(self.backend, "pipeline", None), "load_stats", {}) or {})
+            event.update(self.backend.load_info)
             storage.write_bytes_atomic(
                 storage.join_uri(events_uri, f"load-{self.load_id}.json"), json.dumps(event).encode()
             )

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lance_ray.models.lance.checkpoint import load_lance_model, resolve_checkpoint
 from lance_ray.models.lance.generate import GenerationInput, StepInfo, denoise
-from lance_ray.models.lance.sampler import SamplerSettings
+from lance_ray.models.lance.sampler import SamplerSettings, cfg_steps
 from lance_ray.models.lance.tokenizer import LanceTokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "fp32_kv"
@@ -127,20 +127,23 @@ def test_denoising_matches_official(task: str, models, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("task", ["t2i", "image_edit"])
 def test_batch_neighbours_do_not_change_a_sample(task: str, models) -> None:
-    """The golden sample in a batch with other prompts/seeds (other prefix lengths) gives its alone result."""
-    g, meta = _golden(task)
+    """Each sample of a batch (other prompts, seeds, prefix lengths) gives the result it gets alone.
+
+    8 steps: σ crosses the CFG interval's lower bound, so both kinds of step run.
+    """
+    _, meta = _golden(task)
     model, tok = models[meta["model_family"]]
     others = {
         "t2i": ["A lighthouse on a cliff at dusk.", "Two cats playing chess in a library, warm light, 35mm."],
         "image_edit": ["Make it night."],
     }[task]
     batch = [_golden_input(task)] + [_golden_input(task, p, seed=7 + i) for i, p in enumerate(others)]
-    settings = SamplerSettings()
+    settings = SamplerSettings(steps=8)
+    assert len(set(cfg_steps(settings))) == 2
     together = denoise(model, tok, task, batch, settings)
     for b, inp in enumerate(batch):
         alone = denoise(model, tok, task, [inp], settings)[0]
         torch.testing.assert_close(together[b], alone, rtol=1e-5, atol=1e-5)
-    assert _max_rel(together[0], g["final_latent_target"]) < 1e-3
     assert not torch.allclose(together[0], together[1], atol=1e-2)
 
 

@@ -87,6 +87,9 @@ def jobs_head() -> Iterator[str]:
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     env.pop("RAY_ADDRESS", None)
+    # Ray 2.60 turns token auth on for `ray start` when ~/.ray/auth_token exists (any local `ray.init()`
+    # writes one); this head's clients are this test session only, so it runs without.
+    env["RAY_AUTH_MODE"] = "disabled"
     log = temp / "ray-start.log"
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",

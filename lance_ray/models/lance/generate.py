@@ -30,7 +30,7 @@ import torch
 
 from .latent import latent_position_index
 from .sampler import SamplerSettings, Schedule, apply_cfg, euler_step, initial_noise
-from .sequence import Grid, GenerationLayout, build_generation
+from .sequence import GenerationLayout, Grid, build_generation
 from .tokenizer import LanceTokenizer
 from .transformer import KVCache, LanceModel, Split
 
@@ -175,11 +175,11 @@ def denoise(
     del xs, gen
 
     # ---- the per-step query: [<|vision_start|>, N_target latents, <|vision_end|>] per row -----------------
-    tgt = layouts[0].target_split
-    Lq = tgt.length
-    start_end = torch.stack([torch.stack([emb[tgt.start], emb[tgt.end - 1]]) for emb in embeds])  # [B, 2, H]
+    targets = [lay.target_split for lay in layouts]  # same length, different starts (prompt lengths differ)
+    Lq = targets[0].length
+    start_end = torch.stack([emb[[s.start, s.end - 1]] for emb, s in zip(embeds, targets, strict=True)])  # [B, 2, H]
     del embeds
-    cond_pos = torch.cat([lay.position_ids[:, tgt.start : tgt.end] for lay in layouts], dim=1)
+    cond_pos = torch.cat([lay.position_ids[:, s.start : s.end] for lay, s in zip(layouts, targets, strict=True)], dim=1)
     query_pos = {False: cond_pos.to(device)}
     query_rows = {False: [[Split(Lq, False)]] * B + [[]] * (cache_rows - B)}
     if use_cfg:
