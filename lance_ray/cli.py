@@ -73,7 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.run_date or args.run_id:
         job = job.with_run_context(run_date=args.run_date or "", run_id=args.run_id or "")
     try:
-        summary = run_job(job, address=args.address, overwrite=args.overwrite, progress=not args.no_progress,
+        summary = run_job(job, address=args.address, overwrite=args.overwrite, retry_failed=args.retry_failed,
+                          progress=not args.no_progress,
                           run_id=args.run_id, verbose=args.verbose)
     except Exception as exc:  # the run itself broke (cluster, storage): rows are safe, say what happened
         logging.getLogger("lance_ray").exception("run failed")
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="discard committed outputs and start clean")
+    p.add_argument("--retry-failed", action="store_true", help="run rows that failed in an earlier run again")
     p.add_argument("--output", help="output root, overriding the job file's `output` (steps with their own "
                    "output.path keep it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -81,8 +81,8 @@ def _escape(value: str) -> str:
 
 def _local_input_files(job) -> dict[int, list[Path]]:
     """Per step index: the local files its `input.path` reads, including media that tables name."""
-    from lance_ray.sources import REQUIRED_MEDIA, expand_paths, open_source
-    from lance_ray.spec import is_uri
+    from lance_ray.sources import expand_paths, open_source
+    from lance_ray.spec import INPUT_MEDIA, is_uri
 
     found: dict[int, list[Path]] = {}
     for index, step in enumerate(job.steps):
@@ -91,7 +91,7 @@ def _local_input_files(job) -> dict[int, list[Path]]:
         local = [p for p in step.input.path if not is_uri(p)]
         if not local:
             continue
-        files = expand_paths(local, step.input.format, REQUIRED_MEDIA.get(step.task))
+        files = expand_paths(local, step.input.format, INPUT_MEDIA.get(step.task))
         paths = [Path(f.uri) for f in files]
         tables = [f.uri for f in files if f.kind not in ("image", "video")]
         if tables:  # media paths inside tables are relative to the table: ship those files too
@@ -146,6 +146,7 @@ def stage_job(
             _rewrite_step_paths(raw["steps"][index], step.input.path, job_dir)
 
     if output is not None:
+        output = output if is_uri(output) else os.path.abspath(output)
         raw["output"] = _escape(output)
     elif not is_uri(job.output):
         raw["output"] = _escape(job.output)
@@ -194,7 +195,7 @@ def stage_job(
     files = sorted({p.resolve() for paths in inputs.values() for p in paths})
     base = Path(os.path.commonpath([job_dir, *(f.parent for f in files)]))
     sizes = {f: f.stat().st_size for f in files}
-    total = sum(sizes.values()) + len(text)
+    total = sum(sizes.values()) + source.stat().st_size
     if total > max_bytes:
         biggest = sorted(sizes.items(), key=lambda item: -item[1])[:5]
         raise StagingError(
@@ -210,7 +211,7 @@ def stage_job(
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(file, root / rel)
         staged_files.append(rel.as_posix())
-    job_rel = source.relative_to(base) if source.is_relative_to(base) else Path(source.name)
+    job_rel = source.relative_to(base)
     (root / job_rel).parent.mkdir(parents=True, exist_ok=True)
     header = f"# Staged by lance-ray submit from {source.name}; local paths rewritten for the cluster.\n"
     (root / job_rel).write_text(
@@ -235,6 +236,13 @@ class SubmitOptions:
     env_from_local: tuple[str, ...] = ()  # names of local environment variables forwarded to the job
     output: str | None = None  # replaces the job file's output root
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+
+    def env_vars(self) -> dict[str, str]:
+        """The forwarded variables with their current values; never print the values."""
+        missing = [name for name in self.env_from_local if name not in os.environ]
+        if missing:
+            raise RemoteError(f"--env-from-local: not set in this environment: {', '.join(missing)}")
+        return {name: os.environ[name] for name in self.env_from_local}
 
 
 @dataclass
@@ -330,11 +338,7 @@ class RemoteCluster:
         import shlex
 
         options = options or SubmitOptions()
-        env_vars = {}
-        for name in options.env_from_local:
-            if name not in os.environ:
-                raise RemoteError(f"--env-from-local {name}: {name} is not set in this environment")
-            env_vars[name] = os.environ[name]
+        env_vars = options.env_vars()
         with tempfile.TemporaryDirectory(prefix="lance-ray-submit-") as staging:
             staged = stage_job(
                 job_path,
@@ -362,13 +366,10 @@ class RemoteCluster:
             if out is not None:
                 for note in staged.notes:
                     print(f"note: {note}", file=out)
+                forwarded = ", ".join(f"{k}={v}" for k, v in mask_env(env_vars).items())
                 print(
                     f"staged {len(staged.files)} input file(s), {staged.size_bytes / 1e6:.2f} MB"
-                    + (
-                        f"; forwarding {', '.join(f'{k}={v}' for k, v in mask_env(env_vars).items())}"
-                        if env_vars
-                        else ""
-                    ),
+                    + (f"; forwarding {forwarded}" if forwarded else ""),
                     file=out,
                 )
             try:
@@ -497,10 +498,9 @@ def format_list(infos: Sequence[RunInfo]) -> str:
 
 
 def submit_options_from_args(args: argparse.Namespace) -> SubmitOptions:
-    missing = [name for name in args.env_from_local if name not in os.environ]
-    if missing:
-        raise RemoteError(f"--env-from-local: not set in this environment: {', '.join(missing)}")
-    return SubmitOptions(pip=args.pip, env_from_local=tuple(args.env_from_local), output=args.output)
+    options = SubmitOptions(pip=args.pip, env_from_local=tuple(args.env_from_local), output=args.output)
+    options.env_vars()  # a variable that is not set fails now, not at the first submission
+    return options
 
 
 def add_submit_options(parser: argparse.ArgumentParser) -> None:
@@ -528,17 +528,13 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _cluster(args: argparse.Namespace) -> RemoteCluster:
-    return RemoteCluster(args.address)
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from lance_ray.spec import JobSpecError, load_job
 
     try:
         load_job(args.job)  # a bad job file fails here, before any network
         options = submit_options_from_args(args)
-        cluster = _cluster(args)
+        cluster = RemoteCluster(args.address)
         submission_id = cluster.submit(
             args.job,
             options,
@@ -585,7 +581,7 @@ def _follow_to_end(cluster: RemoteCluster, submission_id: str) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        cluster = _cluster(args)
+        cluster = RemoteCluster(args.address)
         if args.id:
             info = cluster.info(args.id)
         else:
@@ -607,7 +603,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     try:
-        cluster = _cluster(args)
+        cluster = RemoteCluster(args.address)
         if not args.follow:
             sys.stdout.write(cluster.logs(args.id))
             return EXIT_OK
@@ -619,7 +615,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     try:
-        stopped = _cluster(args).stop(args.id)
+        stopped = RemoteCluster(args.address).stop(args.id)
     except RemoteError as exc:
         print(f"lance-ray stop: {exc}", file=sys.stderr)
         return EXIT_BAD_JOB
@@ -629,7 +625,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     try:
-        infos = _cluster(args).list(limit=args.limit, everything=args.all)
+        infos = RemoteCluster(args.address).list(limit=args.limit, everything=args.all)
     except RemoteError as exc:
         print(f"lance-ray list: {exc}", file=sys.stderr)
         return EXIT_BAD_JOB

@@ -115,11 +115,11 @@ def _canonical(batch: pa.Table, step: str) -> pa.Table:
 class JobRunner:
     """Runs a job's plan wave by wave; groups of a wave share the cluster when there are GPUs for all."""
 
-    def __init__(
-        self, job: Job, *, overwrite: bool = False, progress: bool = True, run_id: str | None = None
-    ):
+    def __init__(self, job: Job, *, overwrite: bool = False, retry_failed: bool = False, progress: bool = True,
+                 run_id: str | None = None):
         self.job = job
         self.overwrite = overwrite
+        self.retry_failed = retry_failed
         self.progress = progress
         self.summary = RunSummary(job=job.name, run_id=run_id or _new_run_id())
         self.summary.events_uri = storage.join_uri(job.output, "_runs", self.summary.run_id)
@@ -153,13 +153,16 @@ class JobRunner:
             summaries[step.name] = summary
             if self.overwrite:
                 sinks.reset(ctx.output_uri)
+            if storage.remove_stale_temp_files(ctx.output_uri):
+                log.info("%s: removed partial files of an interrupted run", ctx.output_uri)
             upstream = (
                 {step.input.from_step: job.step(step.input.from_step).output_path(job)}
                 if step.input.from_step
                 else None
             )
             source = sources.open_source(step, job, upstream)
-            committed = sinks.committed_row_ids(ctx.output_uri)
+            # Failed rows count as done unless asked to retry them; a retried row's newest part wins.
+            committed = sinks.committed_row_ids(ctx.output_uri, include_errors=not self.retry_failed)
             row_ids = [row["row_id"] for row in source.iter_rows()]
             summary.rows = len(row_ids)
             summary.skipped = sum(1 for row_id in row_ids if row_id in committed)
@@ -258,6 +261,7 @@ def run_job(
     *,
     address: str | None = None,
     overwrite: bool = False,
+    retry_failed: bool = False,
     progress: bool = True,
     run_id: str | None = None,
     verbose: bool = False,
@@ -265,7 +269,8 @@ def run_job(
     """Plans and runs a job on Ray; returns per-step counts. Rows that failed are in the outputs with `error`."""
     init_ray(address, verbose)
     plan = make_plan(job, cluster_gpu_count(), count_rows(job))
-    return JobRunner(job, overwrite=overwrite, progress=progress, run_id=run_id).run(plan)
+    runner = JobRunner(job, overwrite=overwrite, retry_failed=retry_failed, progress=progress, run_id=run_id)
+    return runner.run(plan)
 
 
 def format_summary(summary: RunSummary) -> str:

@@ -39,7 +39,15 @@ import ray.data
 from jinja2 import TemplateError
 
 from lance_ray.sinks import read_step_output
-from lance_ray.spec import PROMPT_COLUMNS, ColumnMap, Job, Step, compile_prompt_template
+from lance_ray.spec import (
+    INPUT_MEDIA,
+    PROMPT_COLUMNS,
+    PROMPT_OPTIONAL_TASKS,
+    ColumnMap,
+    Job,
+    Step,
+    compile_prompt_template,
+)
 from lance_ray.storage import filesystem_for, is_local, join_uri, safe_token, sanitize, short_hash, to_uri
 
 CANONICAL_SCHEMA = pa.schema(
@@ -58,17 +66,6 @@ TABLE_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parq
 _TABLE_FORMATS = frozenset(TABLE_EXTENSIONS.values())
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
-
-# Which input media a task cannot do without.
-REQUIRED_MEDIA = {
-    "i2v": "image",
-    "image_edit": "image",
-    "x2t_image": "image",
-    "video_edit": "video",
-    "x2t_video": "video",
-}
-# Tasks whose prompt is optional (understanding tasks fall back to a default question downstream).
-PROMPT_OPTIONAL_TASKS = {"x2t_image", "x2t_video"}
 
 _BLOCK_ROWS = 256  # rows per Ray Data block: small enough that media decoding spreads over many tasks
 
@@ -284,7 +281,7 @@ class StepSource:
         elif self.input.from_step:
             yield from self._upstream_rows()
         else:
-            prefer = REQUIRED_MEDIA.get(self.task)
+            prefer = INPUT_MEDIA.get(self.task)
             for file in expand_paths(self.input.path or [], self.input.format, prefer):
                 if file.kind in ("image", "video"):
                     yield media_row_id(file.rel), {file.kind: file.uri, "path": file.rel}, None
@@ -342,7 +339,7 @@ class StepSource:
                 out["prompt"] = self.prompt_template.render(raw)
             except TemplateError as e:
                 errors.append(f"prompt template: {e}")
-        media = REQUIRED_MEDIA.get(self.task)
+        media = INPUT_MEDIA.get(self.task)
         if media and not out.get(media) and not self.columns[media][1]:
             errors.append(f"task {self.task} needs an input {media}; the row has no {media!r} column")
         if self.prompt_required and not errors and not (out.get("prompt") or "").strip():

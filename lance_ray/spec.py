@@ -121,9 +121,15 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # What each task needs from a row, and what a step's output rows carry for a `from_step`
 # reader (generated media plus the input media copied through).
-_NEEDS_IMAGE = frozenset({"i2v", "image_edit", "x2t_image"})
-_NEEDS_VIDEO = frozenset({"video_edit", "x2t_video"})
-_NEEDS_PROMPT = frozenset({"t2i", "t2v", "i2v", "image_edit", "video_edit"})
+# The input media each task reads (None: prompt only), and the tasks whose prompt may be empty.
+INPUT_MEDIA: dict[str, str | None] = {
+    "t2i": None, "t2v": None, "i2v": "image", "image_edit": "image", "video_edit": "video",
+    "x2t_image": "image", "x2t_video": "video",
+}
+PROMPT_OPTIONAL_TASKS = frozenset({"x2t_image", "x2t_video"})
+_NEEDS_IMAGE = frozenset(t for t, m in INPUT_MEDIA.items() if m == "image")
+_NEEDS_VIDEO = frozenset(t for t, m in INPUT_MEDIA.items() if m == "video")
+_NEEDS_PROMPT = frozenset(INPUT_MEDIA) - PROMPT_OPTIONAL_TASKS
 _ROWS_CARRY: dict[str, frozenset[str]] = {
     "t2i": frozenset({"image"}),
     "image_edit": frozenset({"image"}),

@@ -15,6 +15,8 @@ import uuid
 import fsspec
 from fsspec import AbstractFileSystem
 
+# Temp files of atomic local writes are `.<name><TEMP_MARKER><uuid>`; a killed writer can leave one behind.
+TEMP_MARKER = ".tmp-"
 # Longest row-id-derived token we put into a file name; long ids keep a readable head plus a hash.
 MAX_TOKEN_LEN = 96
 
@@ -96,7 +98,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         return
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(directory, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -106,3 +108,20 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temp_files(directory: str) -> int:
+    """Deletes temp files that killed writers left in a local `directory` (and below); returns how many.
+
+    Only call this when no other writer uses the directory (a run does, before it starts writing).
+    """
+    if not is_local(directory):
+        return 0  # object stores get whole objects in one PUT: nothing partial to clean up
+    _, root = filesystem_for(directory)
+    removed = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name.startswith(".") and TEMP_MARKER in name:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed

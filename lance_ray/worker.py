@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from lance_ray import media, sinks, storage
 from lance_ray.backends import IMAGE_OUTPUT_TASKS, TEXT_TASKS, TaskInput, TaskOutput, load_backend
-from lance_ray.spec import ModelRef, Params
+from lance_ray.spec import INPUT_MEDIA, PROMPT_OPTIONAL_TASKS, ModelRef, Params
 
 SHAPE = pa.list_(pa.int32())
 CANONICAL_FIELDS = [
@@ -109,20 +109,18 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _decode_input(task: str, row: dict) -> np.ndarray | None:
-    if task in ("x2t_image", "image_edit", "i2v"):
-        if not row.get("image"):
-            raise ValueError(f"task {task} needs an image, the row has none")
+    """The task's input media as uint8 pixels; videos are frame-sampled the official way."""
+    kind = INPUT_MEDIA[task]
+    if kind is None:
+        return None
+    if not row.get(kind):
+        raise ValueError(f"task {task} needs {'an image' if kind == 'image' else 'a video'}, the row has none")
+    if kind == "image":
         return media.decode_image(row["image"])
-    if task in ("x2t_video", "video_edit"):
-        if not row.get("video"):
-            raise ValueError(f"task {task} needs a video, the row has none")
-        from lance_ray.models.lance.preprocess import sample_frame_indices
+    from lance_ray.models.lance.preprocess import sample_frame_indices
 
-        info = media.probe_video(row["video"])
-        return media.decode_video(row["video"], sample_frame_indices(info.num_frames, info.fps))
-    if not (row.get("prompt") or "").strip():
-        raise ValueError(f"task {task} needs a non-empty prompt")
-    return None
+    info = media.probe_video(row["video"])
+    return media.decode_video(row["video"], sample_frame_indices(info.num_frames, info.fps))
 
 
 def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
@@ -133,7 +131,7 @@ def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
         row["seed_used"] = row_seed(ctx.params, row["row_id"], row.get("seed"))
         if row.get("error"):
             continue
-        if ctx.task not in TEXT_TASKS and not (row.get("prompt") or "").strip() and not ctx.turns:
+        if ctx.task not in PROMPT_OPTIONAL_TASKS and not (row.get("prompt") or "").strip() and not ctx.turns:
             row["error"] = f"task {ctx.task} needs a non-empty prompt/instruction"
             continue
         try:
@@ -231,7 +229,7 @@ class LanceWorker:
         inputs = []
         for row in chunk:
             pixels = _array(row["pixels"], row["pixels_shape"]) if row.get("pixels") else None
-            is_video = pixels is not None and ctx.task in ("x2t_video", "video_edit")
+            is_video = INPUT_MEDIA[ctx.task] == "video"
             inputs.append(
                 TaskInput(
                     prompt=row.get("prompt"),

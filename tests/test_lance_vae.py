@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,12 +76,18 @@ def vae(state_dict: dict[str, torch.Tensor]) -> WanVAE:
     return WanVAE.from_state_dict(state_dict)
 
 
-def record(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, list[torch.Tensor]], list]:
+@contextmanager
+def recording(modules: dict[str, torch.nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect every output of the given modules while the block runs."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     hooks = [
         m.register_forward_hook(lambda _m, _a, y, n=name: out[n].append(y)) for name, m in modules.items()
     ]
-    return out, hooks
+    try:
+        yield out
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +132,7 @@ def test_load_file_strict(tmp_path: Path, state_dict: dict[str, torch.Tensor], v
 # --------------------------------------------------------------------------------------------------
 def test_normalisation_constants(vae: WanVAE) -> None:
     g = golden("img_304x224")
-    mean, inv_std = vae._stats(torch.device("cpu"))
+    mean, inv_std = vae.latent_stats(torch.device("cpu"))
     assert torch.equal(mean.flatten(), g["norm_mean"]) and torch.equal(inv_std.flatten(), g["norm_inv_std"])
     assert len(LATENT_MEAN) == len(LATENT_STD) == 48
 
@@ -134,12 +142,8 @@ def test_encoder_stages(vae: WanVAE) -> None:
     enc = vae.encoder
     stages = {f"down{i}": block for i, block in enumerate(enc.downsamples)}
     stages.update(middle=enc.middle[2], head=enc.head[2])
-    out, hooks = record({**stages, "mu_logvar": vae.conv1})
-    try:
+    with recording({**stages, "mu_logvar": vae.conv1}) as out:
         vae.encode(pixels("img_304x224"))
-    finally:
-        for hook in hooks:
-            hook.remove()
     for name in stages:
         assert max_rel(out[name][0], g[f"enc_stage_{name}_chunk0"]) <= 1e-4, name
     assert max_rel(out["head"][0], g["enc_encoder_out"]) <= 1e-4
@@ -155,9 +159,7 @@ def test_encode_and_sample(vae: WanVAE, case: str) -> None:
     assert max_rel(log_var, g["enc_log_var"]) <= 1e-4
     # the golden eps is the default CPU generator's draw after manual_seed(eps seed)
     z = vae.sample(mu, log_var, torch.Generator().manual_seed(CASES[case][1]))
-    assert torch.equal(
-        z, vae.sample(mu, log_var, eps=g["enc_eps"])
-    )  # the generator reproduces the golden eps
+    assert torch.equal(z, vae.sample(mu, log_var, eps=g["enc_eps"]))
     assert max_rel(z, g["enc_sample"]) <= 1e-4
     given = vae.sample(g["enc_mu_norm"], g["enc_log_var"], eps=g["enc_eps"])
     assert max_rel(given, g["enc_sample"]) <= 1e-6
@@ -187,12 +189,8 @@ def decoded(request: pytest.FixtureRequest, vae: WanVAE) -> tuple[str, list[torc
         "up0": dec.upsamples[0],
         "decoder": dec,
     }
-    out, hooks = record(modules)
-    try:
+    with recording(modules) as out:
         chunks = list(vae.decode_chunks(latent(golden(request.param)["dec_input_thwc"])))
-    finally:
-        for hook in hooks:
-            hook.remove()
     return request.param, chunks, out
 
 
@@ -227,7 +225,7 @@ def test_decode_video_sample(vae: WanVAE) -> None:
 
 def test_denormalisation(vae: WanVAE) -> None:
     g = golden("rand_latent_3x4x5")
-    mean, inv_std = vae._stats(torch.device("cpu"))
+    mean, inv_std = vae.latent_stats(torch.device("cpu"))
     assert torch.equal(latent(g["dec_input_thwc"]) / inv_std + mean, g["dec_z_denorm"])
 
 
@@ -245,6 +243,7 @@ def test_decode_is_causal_and_apis_agree(vae: WanVAE) -> None:
 # --------------------------------------------------------------------------------------------------
 # bf16 (the reference's bf16 dtype flow, loosely)
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # bf16 convolutions are slow on CPU (~15 s)
 def test_bf16(state_dict: dict[str, torch.Tensor]) -> None:
     vae16 = WanVAE.from_state_dict(state_dict, dtype=torch.bfloat16)
     assert vae16.dtype == torch.bfloat16
@@ -303,7 +302,7 @@ def test_matches_diffusers(state_dict: dict[str, torch.Tensor], vae: WanVAE) -> 
     ref.load_state_dict({diffusers_key(k): v for k, v in state_dict.items()}, strict=True)
     ref.eval()
     x = pixels("vid_304x224_5f12")[None, :, :, :96, :128]
-    mean, inv_std = vae._stats(torch.device("cpu"))
+    mean, inv_std = vae.latent_stats(torch.device("cpu"))
     with torch.no_grad():
         mu_raw, log_var_ref = ref.encode(x).latent_dist.parameters.chunk(2, dim=1)
         mu, log_var = vae.encode(x)

@@ -162,6 +162,25 @@ steps:
     assert len(_rows(tmp_path, "gen")) == 3
 
 
+def test_failed_rows_are_retried_only_when_asked(tmp_path: Path) -> None:
+    late = tmp_path / "late.png"
+    body = f"""
+steps:
+  - name: caps
+    task: x2t_image
+    input: {{rows: [{{image: {DATASETS / 'images' / 'tiles_256x256.png'}}}, {{image: {late}}}]}}
+"""
+    first = run_job(_job(tmp_path, body), progress=False)
+    assert (first.steps[0].ok, first.steps[0].failed) == (1, 1)
+    shutil.copy(DATASETS / "images" / "sunset_320x240.jpg", late)  # the missing file arrives
+    plain = run_job(_job(tmp_path, body), progress=False)
+    assert (plain.steps[0].ok, plain.steps[0].failed, plain.steps[0].skipped) == (0, 0, 2)
+    retried = run_job(_job(tmp_path, body), progress=False, retry_failed=True)
+    assert (retried.steps[0].ok, retried.steps[0].failed, retried.steps[0].skipped) == (1, 0, 1)
+    rows = _rows(tmp_path, "caps")
+    assert len(rows) == 2 and all(r["error"] is None for r in rows)
+
+
 def test_s3_input_and_output_through_a_real_s3_server(tmp_path: Path, s3_server: str) -> None:
     fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server})
     fs.mkdir("lance-in")

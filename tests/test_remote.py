@@ -10,6 +10,7 @@ of its session still left. `ray stop` is never used: it stops every Ray on the m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -107,8 +108,8 @@ def jobs_head() -> Iterator[str]:
         yield address
     finally:
         proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a graceful stop can drain for 30 s: don't wait
+            proc.wait(timeout=5)
         for pid in _session_processes(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -374,3 +375,71 @@ def test_quickstart_end_to_end(jobs_head, tmp_path, capsys):
         table = read_step_output(str(out / step.name))
         assert table.num_rows == open_source(step, job).count()
         assert table.column("error").null_count == table.num_rows, step.name
+
+
+# ------------------------------------------------------------------------------ deployment files
+
+
+def test_cluster_yaml_matches_the_ray_autoscaler_schema():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+
+    assert config["provider"]["type"] == "aws"
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert "InstanceType" in types[config["head_node_type"]]["node_config"]
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    # GPU instance types with >= 48 GB per GPU: g6e (L40S 48 GB), p4de (A100 80 GB), p5 (H100 80 GB), p5e (H200).
+    big_gpu_families = ("g6e.", "p4de.", "p5.", "p5e.")
+    assert workers and all(
+        t["node_config"]["InstanceType"].startswith(big_gpu_families) for t in workers.values()
+    )
+    assert any(t["min_workers"] == 0 < t["max_workers"] for t in workers.values())  # scales from zero
+    assert all(t["max_workers"] <= config["max_workers"] for t in workers.values())
+    commands = " ".join(config["setup_commands"])
+    assert "lance-ray-jobs" in commands and f"ray[default,data]=={ray.__version__}" in commands
+    for start in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "ray start" not in start or "LANCE_RAY_CACHE=" in start  # model cache on local NVMe
+
+
+def test_kuberay_rayjob_manifest():
+    import ray
+
+    from lance_ray.spec import load_job_text
+
+    docs = list(yaml.safe_load_all((REPO_ROOT / "deploy" / "kuberay-rayjob.yaml").read_text()))
+    by_kind = {doc["kind"]: doc for doc in docs}
+    assert set(by_kind) == {"ConfigMap", "RayJob"}
+    rayjob, config_map = by_kind["RayJob"], by_kind["ConfigMap"]
+    assert rayjob["apiVersion"] == "ray.io/v1"
+    spec = rayjob["spec"]
+    command = spec["entrypoint"].split()
+    assert command[:2] == ["lance-ray", "run"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+
+    # The job file the entrypoint names is in the ConfigMap mounted on the head, and it is a valid job.
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (container,) = head["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in head["volumes"]}
+    (mount_name,) = [name for name, path in mounts.items() if command[2].startswith(path + "/")]
+    assert volumes[mount_name]["configMap"]["name"] == config_map["metadata"]["name"]
+    job_text = config_map["data"][command[2].rsplit("/", 1)[1]]
+    job = load_job_text(job_text, "configmap")
+    assert all(step.input.path and step.input.path[0].startswith("s3://") for step in job.steps)
+    assert job.output.startswith("s3://")
+
+    (gpu,) = cluster["workerGroupSpecs"]
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    (worker,) = gpu["template"]["spec"]["containers"]
+    assert (
+        worker["resources"]["limits"]["nvidia.com/gpu"] == worker["resources"]["requests"]["nvidia.com/gpu"]
+    )
+    assert worker["image"] == container["image"]
+    assert {"name": "LANCE_RAY_CACHE", "value": "/cache"} in worker["env"]
+    assert "AWS_SECRET_ACCESS_KEY" not in (REPO_ROOT / "deploy" / "kuberay-rayjob.yaml").read_text()

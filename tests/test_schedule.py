@@ -379,3 +379,53 @@ def test_history_rows_and_cursor_commit_together(tmp_path):
     fresh = RunHistory(tmp_path / "history.sqlite")
     assert len(calls) == 2 and fresh.runs() == [] and fresh.cursor("nightly") is None
     assert cluster.submitted == {}
+
+
+# ------------------------------------------------------------------------- incremental nightly runs
+
+
+def test_fixed_output_path_makes_the_next_run_process_only_new_files(ray_local, tmp_path):
+    """Day 1 captions N images; M new ones arrive; day 2 (same job, same output) processes exactly M."""
+    from lance_ray.runner import run_job
+    from lance_ray.sinks import read_step_output
+    from lance_ray.spec import load_job
+
+    samples = sorted((Path(__file__).resolve().parents[1] / "datasets" / "images").iterdir())
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    day1, day2 = samples[:3], samples[3:5]
+    for image in day1:
+        (uploads / image.name).write_bytes(image.read_bytes())
+    job_path = tmp_path / "nightly.yaml"
+    job_path.write_text(
+        textwrap.dedent("""\
+        name: nightly
+        models: {image: {source: lance-tiny, backend: debug}}
+        output: out
+        schedule: {cron: "0 2 * * *"}
+        steps:
+          - name: caption
+            task: x2t_image
+            input: {path: uploads, prompt: "Describe it."}
+            params: {preset: image_256res}
+        """)
+    )
+    job = load_job(job_path)
+    first = run_job(job.with_run_context("2026-01-01", "r1"), progress=False)
+    assert (first.steps[0].ok, first.steps[0].skipped) == (len(day1), 0)
+    committed = read_step_output(str(tmp_path / "out" / "caption"))
+
+    for image in day2:
+        (uploads / image.name).write_bytes(image.read_bytes())
+    second = run_job(job.with_run_context("2026-01-02", "r2"), progress=False)
+    assert (second.steps[0].ok, second.steps[0].failed, second.steps[0].skipped) == (len(day2), 0, len(day1))
+
+    table = read_step_output(str(tmp_path / "out" / "caption"))
+    assert (
+        table.num_rows == len(day1) + len(day2)
+        and len(set(table.column("row_id").to_pylist())) == table.num_rows
+    )
+    first_rows = {r["row_id"]: r["started_at"] for r in committed.to_pylist()}
+    assert {
+        r["row_id"]: r["started_at"] for r in table.to_pylist() if r["row_id"] in first_rows
+    } == first_rows

@@ -19,20 +19,41 @@ Conditions are given already encoded (`GenerationInput`): edits bring the source
 (sampled) VAE latent, which enter the prefix with σ = 0; i2v brings the first frame's latent.  Each sample's
 initial noise comes from its own seed (sampler.initial_noise: all latent rows drawn, the denoised rows take
 the tail), so a sample's result does not depend on its batch neighbours.
+
+From media to media (what `LancePipeline`'s generation methods call): `MediaRow` per input row, then
+`generate_media` groups rows by target shape, and per batch of at most `max_batch_size` rows encodes the
+conditions, denoises and decodes.  Conditions:
+* edits: the source through the ViT stream (preset buckets, one ViT call per batch) and through the VAE
+  stream, encoded and *sampled* from the posterior ``mu + exp(log_var / 2)·ε``;
+* i2v: the image through the VAE stream, sampled likewise; it becomes latent frame 0 of the target (the
+  VAE is causal, so encoding the image alone gives exactly the latent frame 0 the official code keeps
+  from its padded clip).
+ε comes from a CPU generator seeded with the row's seed -- the same seed as the initial noise, whose draw
+covers every latent row with the conditioning rows first: ε takes the head of that stream, exactly the
+values the initial-noise draw puts in the conditioning rows (which the official code overwrites), so ε and
+the target's noise never share a value.  (The official ε comes from the global CUDA RNG and cannot be
+reproduced; the parity tests inject the recorded latent.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from . import preprocess
 from .latent import latent_position_index
 from .sampler import SamplerSettings, Schedule, apply_cfg, euler_step, initial_noise
 from .sequence import GenerationLayout, Grid, build_generation
 from .tokenizer import LanceTokenizer
 from .transformer import KVCache, LanceModel, Split
+
+if TYPE_CHECKING:
+    from .vae import WanVAE
 
 EDIT_TASKS = ("image_edit", "video_edit")
 
@@ -221,3 +242,138 @@ def denoise(
 
     final = x if clean is None else torch.cat([clean, x], dim=1)
     return final.view(B, t, h, w, 48)
+
+
+# ---------------------------------------------------------------------------------------------------
+# From media to media
+# ---------------------------------------------------------------------------------------------------
+DEFAULT_SEED = 42  # the official script gives every row this seed
+
+
+@dataclass
+class MediaRow:
+    """One generation request as the pipeline receives it."""
+
+    prompt: str
+    seed: int
+    target: Grid  # latent grid of the output
+    media: np.ndarray | None = None  # uint8 [T, H, W, 3]: edit source, or the i2v image (T = 1)
+
+
+def _resolve_seeds(seeds: list[int] | None, n: int) -> list[int]:
+    if seeds is None:
+        return [DEFAULT_SEED] * n
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} rows")
+    return [int(s) for s in seeds]
+
+
+def _as_frames(media: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) image or (T, H, W, 3) video -> (T, H, W, 3)."""
+    if media.dtype != np.uint8 or media.ndim not in (3, 4) or media.shape[-1] != 3:
+        raise ValueError(f"media must be uint8 (H, W, 3) or (T, H, W, 3), got {media.dtype} {media.shape}")
+    return media[None] if media.ndim == 3 else media
+
+
+def text_rows(prompts: list[str], height: int, width: int, frames: int, seeds: list[int] | None) -> list[MediaRow]:
+    """t2i (frames = 1) / t2v rows: output size = the request floored to multiples of 16."""
+    h, w = preprocess.output_size(height, width)
+    target = (preprocess.latent_frames(frames), h // 16, w // 16)
+    return [MediaRow(p, s, target) for p, s in zip(prompts, _resolve_seeds(seeds, len(prompts)), strict=True)]
+
+
+def media_rows(media: list[np.ndarray], prompts: list[str], preset: str, seeds: list[int] | None,
+               frames: int | None = None) -> list[MediaRow]:
+    """Edit rows (target = the source's bucket and frame count) or, with `frames`, i2v rows (the image's
+    bucket, `frames` output frames)."""
+    if len(media) != len(prompts):
+        raise ValueError(f"{len(media)} inputs for {len(prompts)} prompts/instructions")
+    rows = []
+    for m, p, s in zip(media, prompts, _resolve_seeds(seeds, len(prompts)), strict=True):
+        m = _as_frames(m)
+        h, w = preprocess.stream_size(m.shape[1], m.shape[2], preset, "vae")
+        t = preprocess.latent_frames(frames if frames is not None else m.shape[0])
+        rows.append(MediaRow(p, s, (t, h // 16, w // 16), m))
+    return rows
+
+
+def _sampled_latents(vae: WanVAE, frames: list[np.ndarray], preset: str, seeds: list[int]) -> list[torch.Tensor]:
+    """VAE-stream frames of one size -> sampled posterior latents [t, h, w, 48] (one encode call)."""
+    pixels = torch.stack([preprocess.vae_pixels(preprocess.resize_to_bucket(f, preset, "vae")) for f in frames])
+    mu, log_var = vae.encode(pixels)  # [B, 48, t, h, w] each
+    return [
+        vae.sample(mu[b : b + 1], log_var[b : b + 1], torch.Generator().manual_seed(seed))[0].permute(1, 2, 3, 0)
+        for b, seed in enumerate(seeds)
+    ]
+
+
+def _vit_conditions(model: LanceModel, frames: list[np.ndarray], preset: str) -> list[tuple[torch.Tensor, Grid]]:
+    """ViT tokens [K, H] and their LLM-level grid per source (one ViT call for the batch)."""
+    patches, grids = zip(*(preprocess.vit_patches(preprocess.resize_to_bucket(f, preset, "vit")) for f in frames),
+                         strict=True)
+    device = model.llm.embed.weight.device
+    tokens = model.vit(torch.cat(patches).to(device), list(grids))
+    m = model.vit_cfg.spatial_merge_size
+    llm_grids = [(t, h // m, w // m) for t, h, w in grids]
+    return list(zip(tokens.split([t * h * w for t, h, w in llm_grids]), llm_grids, strict=True))
+
+
+@torch.inference_mode()
+def _batch_inputs(model: LanceModel, vae: WanVAE | None, task: str, rows: list[MediaRow], preset: str
+                  ) -> list[GenerationInput]:
+    if task in ("t2i", "t2v"):
+        return [GenerationInput(r.prompt, r.target, r.seed) for r in rows]
+    frames = [r.media for r in rows]
+    # The VAE stream sees frames 0..4(t-1) (the encoder ignores the rest) -- i2v: the image alone.
+    vae_frames = [f[: 4 * (r.target[0] - 1) + 1] if task in EDIT_TASKS else f[:1]
+                  for f, r in zip(frames, rows, strict=True)]
+    latents = _sampled_latents(vae, vae_frames, preset, [r.seed for r in rows])
+    if task == "i2v":
+        return [GenerationInput(r.prompt, r.target, r.seed, cond_latent=z) for r, z in zip(rows, latents, strict=True)]
+    vit = _vit_conditions(model, frames, preset)
+    return [
+        GenerationInput(r.prompt, r.target, r.seed, vit_tokens=tokens, vit_grid=grid, cond_latent=z)
+        for r, (tokens, grid), z in zip(rows, vit, latents, strict=True)
+    ]
+
+
+def generate_media(
+    model: LanceModel,
+    tokenizer: LanceTokenizer,
+    vae: WanVAE | None,
+    task: str,
+    rows: list[MediaRow],
+    settings: SamplerSettings,
+    *,
+    preset: str = "image_768res",
+    max_batch_size: int | None = None,
+    return_latents: bool = False,
+) -> list[np.ndarray] | list[torch.Tensor]:
+    """Run `task` for every row; rows of one target shape share batches of at most `max_batch_size`.
+
+    Returns, in row order, uint8 images (H, W, 3) for t2i/image_edit and videos (T, H, W, 3) otherwise,
+    or with `return_latents` the float32 CPU target latents [t, h, w, 48].  `preset` sizes the conditioning
+    media (edits, i2v).  `vae` may be None only for t2i/t2v with `return_latents`.
+    """
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    image_out = task in ("t2i", "image_edit")
+    results: list = [None] * len(rows)
+    by_shape = sorted(range(len(rows)), key=lambda i: rows[i].target)
+    for _, group in groupby(by_shape, key=lambda i: rows[i].target):
+        group = list(group)
+        size = max_batch_size or len(group)
+        for start in range(0, len(group), size):
+            batch = group[start : start + size]
+            inputs = _batch_inputs(model, vae, task, [rows[i] for i in batch], preset)
+            latents = denoise(model, tokenizer, task, inputs, settings)  # [B, t, h, w, 48]
+            del inputs
+            if return_latents:
+                out = list(latents.float().cpu())
+            else:
+                pixels = vae.decode_uint8(latents.permute(0, 4, 1, 2, 3)).cpu().numpy()  # [B, T, H, W, 3]
+                out = [p[0] if image_out else p for p in pixels]
+            del latents
+            for i, o in zip(batch, out, strict=True):
+                results[i] = o
+    return results

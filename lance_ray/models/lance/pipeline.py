@@ -19,6 +19,8 @@ import torch
 
 from . import preprocess
 from .checkpoint import CheckpointFiles, LoadStats, load_lance_model, resolve_checkpoint
+from .generate import generate_media, media_rows, text_rows
+from .sampler import SamplerSettings
 from .sequence import build_understanding
 from .tokenizer import LanceTokenizer
 from .understand import generate_text, normalize_answer
@@ -115,35 +117,54 @@ class LancePipeline:
         return [normalize_answer(self.tokenizer.decode(ids)) for ids in result.ids]
 
     # ------------------------------------------------------------------------------------------------
-    # Generation and editing (bodies owned by generate.py's author)
+    # Generation and editing (generate.py); `max_batch_size` caps the rows denoised together
     # ------------------------------------------------------------------------------------------------
     def t2i(self, prompts: list[str], *, height: int = 768, width: int = 768, steps: int = 30, shift: float = 3.5,
             cfg_scale: float = 4.0, cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0,
-            seeds: list[int] | None = None) -> list[np.ndarray]:
-        raise NotImplementedError("t2i is provided by generate.py")
+            seeds: list[int] | None = None, max_batch_size: int | None = None) -> list[np.ndarray]:
+        """One uint8 (H, W, 3) image per prompt; H, W = the request floored to multiples of 16."""
+        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
+        return generate_media(self.model, self.tokenizer, self.vae, "t2i", text_rows(prompts, height, width, 1, seeds),
+                              settings, max_batch_size=max_batch_size)
 
     def t2v(self, prompts: list[str], *, height: int = 768, width: int = 768, frames: int = 50, steps: int = 30,
             shift: float = 3.5, cfg_scale: float = 4.0, cfg_interval: tuple[float, float] = (0.4, 1.0),
-            cfg_renorm_min: float = 0.0, seeds: list[int] | None = None) -> list[np.ndarray]:
-        raise NotImplementedError("t2v is provided by generate.py")
+            cfg_renorm_min: float = 0.0, seeds: list[int] | None = None,
+            max_batch_size: int | None = None) -> list[np.ndarray]:
+        """One uint8 (4(t-1)+1, H, W, 3) video per prompt, t = (frames - 1)//4 + 1 latent frames."""
+        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
+        rows = text_rows(prompts, height, width, frames, seeds)
+        return generate_media(self.model, self.tokenizer, self.vae, "t2v", rows, settings,
+                              max_batch_size=max_batch_size)
 
     def i2v(self, images: list[np.ndarray], prompts: list[str], *, preset: str = "video_480p", frames: int = 50,
             steps: int = 30, shift: float = 3.5, cfg_scale: float = 4.0,
             cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0,
-            seeds: list[int] | None = None) -> list[np.ndarray]:
-        raise NotImplementedError("i2v is provided by generate.py")
+            seeds: list[int] | None = None, max_batch_size: int | None = None) -> list[np.ndarray]:
+        """Animate `images[i]` (uint8 (H, W, 3), the first frame) per `prompts[i]`; size = the image's bucket."""
+        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
+        rows = media_rows(images, prompts, preset, seeds, frames=frames)
+        return generate_media(self.model, self.tokenizer, self.vae, "i2v", rows, settings, preset=preset,
+                              max_batch_size=max_batch_size)
 
     def image_edit(self, images: list[np.ndarray], instructions: list[str], *, preset: str = "image_768res",
                    steps: int = 30, shift: float = 3.5, cfg_scale: float = 4.0,
                    cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0,
-                   seeds: list[int] | None = None) -> list[np.ndarray]:
-        raise NotImplementedError("image_edit is provided by generate.py")
+                   seeds: list[int] | None = None, max_batch_size: int | None = None) -> list[np.ndarray]:
+        """Edit `images[i]` (uint8 (H, W, 3)) per `instructions[i]`; output size = the image's bucket."""
+        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
+        rows = media_rows(images, instructions, preset, seeds)
+        return generate_media(self.model, self.tokenizer, self.vae, "image_edit", rows, settings, preset=preset,
+                              max_batch_size=max_batch_size)
 
     def video_edit(self, videos: list[np.ndarray], instructions: list[str], *, preset: str = "video_480p",
                    steps: int = 30, shift: float = 3.5, cfg_scale: float = 4.0,
                    cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0,
-                   seeds: list[int] | None = None) -> list[np.ndarray]:
-        raise NotImplementedError("video_edit is provided by generate.py")
-
+                   seeds: list[int] | None = None, max_batch_size: int | None = None) -> list[np.ndarray]:
+        """Edit `videos[i]` (uint8 (T, H, W, 3), frame-sampled, T = 4k+1) per `instructions[i]`."""
+        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
+        rows = media_rows(videos, instructions, preset, seeds)
+        return generate_media(self.model, self.tokenizer, self.vae, "video_edit", rows, settings, preset=preset,
+                              max_batch_size=max_batch_size)
 
 __all__ = ["LancePipeline", "LoadStats", "resolve_device"]

@@ -36,9 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import LLMConfig, ViTConfig
+
+# cuDNN attention rebuilds its execution plan for every new sequence length (milliseconds of CPU per
+# call while decoding), so attention is restricted to the flash / memory-efficient / math kernels.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -278,11 +283,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> to
         k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
     q, k, v = q[None], k[None], v[None]
     Lq, Lk = q.shape[2], k.shape[2]
-    if causal and Lq > 1:
-        mask = causal_lower_right(Lq, Lk) if Lq != Lk else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel(SDPA_BACKENDS):
+        if causal and Lq > 1:
+            mask = causal_lower_right(Lq, Lk) if Lq != Lk else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
     return out[0]
 
 

@@ -31,20 +31,24 @@ Numerics that matter (all from the official ``vae2_2.py``):
   ``z / (1 / std) + mean``.
 * Pixels out: ``round((clamp(x, -1, 1) * 0.5 + 0.5) * 255)`` as uint8.
 
-Why not diffusers' ``AutoencoderKLWan``: with a key adapter it computes the same numbers, but its public API
-returns only the whole clamped clip (no pre-clamp values, no per-latent-frame streaming, which is what keeps
-121 frames at 480p within memory) and the streaming loop would have to drive its private cache fields
-(``_feat_map``, ``_conv_idx``, ``clear_cache``).  This file is short and loads the official keys as they are.
+Why not diffusers' ``AutoencoderKLWan``: evaluated with diffusers 0.42 (its Wan 2.2 mode, ``is_residual=True``).
+Its single-file converter mis-maps the Wan 2.2 keys, but with a hand-written key map (see
+tests/test_lance_vae.py: test_matches_diffusers) it loads strictly and reproduces the goldens as closely as
+this file does (the two agree to ~1e-6).  It is not used because what the pipeline needs is outside its
+public API: per-latent-frame streaming and pre-clamp pixels would mean driving its private cache fields
+(``_feat_map``, ``_conv_idx``, ``clear_cache``, ``decoder(first_chunk=...)``), its posterior clamps log_var
+(the official does not), the latent normalisation is not part of it, and official keys need renaming.  This
+implementation loads the official keys as they are and is bitwise identical to the official ``WanVAE_`` run
+on the same machine (encode, decode; batch 1).
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +130,7 @@ class CausalConv3d(nn.Conv3d):
             if prev is not None:
                 x = torch.cat([prev, x], dim=2)
                 pad_t -= prev.shape[2]
-            cache[self] = x[:, :, -CACHE_T:].clone()
+            cache[self] = x[:, :, -CACHE_T:].clone()  # a copy: a view would keep the whole chunk alive
         return super().forward(F.pad(x, (*self.spatial_pad, pad_t, 0)))
 
 
@@ -142,7 +146,7 @@ class RMSNorm(nn.Module):
         return F.normalize(x, dim=1) * self.scale * self.gamma
 
 
-def per_frame(fn: Any, x: torch.Tensor) -> torch.Tensor:
+def per_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Apply a 2D op to every frame: [B, C, T, H, W] -> fold T into the batch and back."""
     b, _, t = x.shape[:3]
     y = fn(x.transpose(1, 2).flatten(0, 1))
@@ -194,7 +198,7 @@ class AttentionBlock(nn.Module):
 class AvgDown3D(nn.Module):
     """Parameter-free shortcut of an encoder stage: fold (t, 2, 2) into channels, average channel groups."""
 
-    def __init__(self, c_in: int, c_out: int, factor_t: int, factor_s: int) -> None:
+    def __init__(self, c_out: int, factor_t: int, factor_s: int) -> None:
         super().__init__()
         self.c_out, self.ft, self.fs = c_out, factor_t, factor_s
 
@@ -277,7 +281,7 @@ class DownBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, num_res_blocks: int, temporal: bool, down: bool) -> None:
         super().__init__()
-        self.avg_shortcut = AvgDown3D(c_in, c_out, 2 if temporal else 1, 2 if down else 1)
+        self.avg_shortcut = AvgDown3D(c_out, 2 if temporal else 1, 2 if down else 1)
         blocks: list[nn.Module] = [
             ResidualBlock(c_in if i == 0 else c_out, c_out) for i in range(num_res_blocks)
         ]
@@ -317,7 +321,8 @@ class Encoder(nn.Module):
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
         n = len(cfg.dim_mult)
-        t_down = [i < len(cfg.temporal_downsample) and cfg.temporal_downsample[i] for i in range(n)]
+        t_down = cfg.temporal_downsample  # stages beyond the list do not resample in time
+        t_down = tuple(i < len(t_down) and t_down[i] for i in range(n))
         self.conv1 = CausalConv3d(3 * PATCH * PATCH, dims[0], 3)
         self.downsamples = nn.Sequential(
             *(DownBlock(dims[i], dims[i + 1], cfg.num_res_blocks, t_down[i], i != n - 1) for i in range(n))
@@ -340,8 +345,8 @@ class Decoder(nn.Module):
         mult = cfg.dim_mult
         dims = [cfg.dec_dim * m for m in (mult[-1], *mult[::-1])]
         n = len(mult)
-        t_up = list(cfg.temporal_downsample[::-1])
-        t_up = [i < len(t_up) and t_up[i] for i in range(n)]
+        t_up = cfg.temporal_downsample[::-1]  # stages beyond the list do not resample in time
+        t_up = tuple(i < len(t_up) and t_up[i] for i in range(n))
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3)
         c = dims[0]
         self.middle = nn.Sequential(ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c))
@@ -398,7 +403,8 @@ class WanVAE(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> WanVAE:
-        """Build from an official-layout state dict (strict), casting tensor by tensor."""
+        """Build from an official-layout state dict (strict), casting tensor by tensor.  Tensors already in
+        the target device/dtype are used as they are (shared with `sd`, e.g. a memory-mapped file)."""
         with torch.device("meta"):
             model = cls(VAEConfig.from_state_dict(sd))
         model.load_state_dict(
@@ -410,7 +416,7 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv2.weight.dtype
 
-    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as [1, z, 1, 1, 1] in the model dtype (the official keeps them in the VAE dtype)."""
         mean = torch.tensor(LATENT_MEAN, dtype=self.dtype, device=device).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=self.dtype, device=device).view(1, -1, 1, 1, 1)
@@ -432,7 +438,7 @@ class WanVAE(nn.Module):
         for start in range(1, x.shape[2] - TEMPORAL + 1, TEMPORAL):
             chunks.append(self.encoder(x[:, :, start : start + TEMPORAL], cache))
         mu, log_var = self.conv1(torch.cat(chunks, dim=2)).chunk(2, dim=1)
-        mean, inv_std = self._stats(mu.device)
+        mean, inv_std = self.latent_stats(mu.device)
         return ((mu - mean) * inv_std).float(), log_var.float()
 
     @staticmethod
@@ -457,7 +463,7 @@ class WanVAE(nn.Module):
         conv) outlive a call, so memory does not grow with the clip length."""
         if z.dim() == 4:
             z = z[None]
-        mean, inv_std = self._stats(self.conv2.weight.device)
+        mean, inv_std = self.latent_stats(self.conv2.weight.device)
         z = z.to(device=mean.device, dtype=self.dtype)
         x = self.conv2(z / inv_std + mean)
         cache: Cache = {}

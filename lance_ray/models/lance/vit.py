@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 
 from .config import ViTConfig
-from .transformer import RMSNorm
+from .transformer import SDPA_BACKENDS, RMSNorm
 
 
 class VisionBlock(nn.Module):
@@ -61,7 +62,9 @@ def _segment_attention(
         idx = (starts[:, None] + torch.arange(length, device=q.device)).reshape(-1)
         # [S*length, heads, hd] -> [S, heads, length, hd]
         qs, ks, vs = (t[idx].view(-1, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        out[idx] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(-1, *q.shape[1:])
+        with sdpa_kernel(SDPA_BACKENDS):
+            attn = F.scaled_dot_product_attention(qs, ks, vs)
+        out[idx] = attn.transpose(1, 2).reshape(-1, *q.shape[1:])
     return out
 
 
