@@ -498,7 +498,8 @@ def format_list(infos: Sequence[RunInfo]) -> str:
 
 
 def submit_options_from_args(args: argparse.Namespace) -> SubmitOptions:
-    options = SubmitOptions(pip=args.pip, env_from_local=tuple(args.env_from_local), output=args.output)
+    pip = args.pip_requirement or (DEFAULT_PIP if args.pip else None)
+    options = SubmitOptions(pip=pip, env_from_local=tuple(args.env_from_local), output=args.output)
     options.env_vars()  # a variable that is not set fails now, not at the first submission
     return options
 
@@ -507,12 +508,14 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `submit` and `schedule`."""
     parser.add_argument(
         "--pip",
-        nargs="?",
-        const=DEFAULT_PIP,
-        default=None,
+        action="store_true",
+        help=f"install lance-ray into the job's runtime env with pip ({DEFAULT_PIP}); "
+        "without it the cluster must have lance-ray installed",
+    )
+    parser.add_argument(
+        "--pip-requirement",
         metavar="REQUIREMENT",
-        help="install lance-ray into the job's runtime env with pip (default requirement: "
-        f"{DEFAULT_PIP}); without it the cluster must have lance-ray installed",
+        help="what --pip installs instead, e.g. 'git+https://github.com/YOU/lance-ray@main' (implies --pip)",
     )
     parser.add_argument(
         "--env-from-local",

@@ -56,7 +56,7 @@ steps:
   - name: gen
     task: t2i
     input: {{path: prompts.jsonl, columns: {{row_id: id}}}}
-    params: {{height: 128, width: 128}}
+    params: {{height: 256, width: 256}}
     resources: {{batch_size: 2}}
 """)
     return job
@@ -83,7 +83,7 @@ def test_run_exit_status_and_summary_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_exactly_once(tmp_path: Path) -> None:
-    rows = 240
+    rows = 400
     job = _write_job(tmp_path, rows)
     out_dir = tmp_path / "out" / "gen"
     # A new session: the kill takes the driver and the local Ray it started, as a crash would.

@@ -12,27 +12,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lance_ray.models.lance.checkpoint import load_lance_model, resolve_checkpoint
-from lance_ray.models.lance.generate import GenerationInput, StepInfo, denoise
+from lance_ray.models.lance import generate, preprocess
+from lance_ray.models.lance.generate import GenerationInput, StepInfo, denoise, generate_media, media_rows
+from lance_ray.models.lance.pipeline import LancePipeline
 from lance_ray.models.lance.sampler import SamplerSettings, cfg_steps
-from lance_ray.models.lance.tokenizer import LanceTokenizer
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "fp32_kv"
+FIXTURES = Path(__file__).parent / "fixtures" / "golden"
+GOLDEN = FIXTURES / "fp32_kv"
 TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit"]
 
 
 @pytest.fixture(scope="module")
-def models(tiny_ckpt: Path) -> dict[str, tuple]:
-    out = {}
-    for family in ("image", "video"):
-        files = resolve_checkpoint(str(tiny_ckpt), family)
-        model, _ = load_lance_model(files, "cpu", torch.float32)
-        out[family] = (model, LanceTokenizer(files.model_dir))
-    return out
+def pipes(tiny_ckpt: Path) -> dict[str, LancePipeline]:
+    return {
+        family: LancePipeline.from_pretrained(str(tiny_ckpt), family=family, device="cpu", dtype="float32")
+        for family in ("image", "video")
+    }
+
+
+@pytest.fixture(scope="module")
+def models(pipes: dict[str, LancePipeline]) -> dict[str, tuple]:
+    return {family: (pipe.model, pipe.tokenizer) for family, pipe in pipes.items()}
+
+
+def _golden_media() -> tuple[np.ndarray, np.ndarray]:
+    """The golden input image (H, W, 3) and 5-frame video (T, H, W, 3); both are already of their bucket's
+    size (304x224), so the official VAE-stream input is the media itself."""
+    d = load_file(FIXTURES / "inputs" / "preprocess_fp32_kv.safetensors")
+    image = d["image.vae_input_u8_cthw"][:, 0].permute(1, 2, 0).numpy()
+    video = d["video.vae_input_u8_cthw"].permute(1, 2, 3, 0).numpy()
+    return image, video
 
 
 def _golden(task: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -176,3 +190,77 @@ def test_input_validation(models) -> None:
     with pytest.raises(ValueError, match="no visual conditions"):
         denoise(model, tok, "t2v", [GenerationInput("a", (2, 4, 6), 0, cond_latent=torch.zeros(1, 4, 6, 48))],
                 settings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# From media to media (LancePipeline methods)
+# ---------------------------------------------------------------------------------------------------
+def test_pipeline_t2i_batches_and_seeds(pipes) -> None:
+    pipe = pipes["image"]
+    prompts = ["A red fox sitting in fresh snow.", "A lighthouse on a cliff at dusk.", "A red fox sitting in fresh snow."]
+    # 70x100 is floored to 64x96; rows 0 and 2 are the same request in different batches.
+    images = pipe.t2i(prompts, height=70, width=100, steps=4, seeds=[42, 42, 42], max_batch_size=2)
+    assert [(im.shape, im.dtype) for im in images] == [((64, 96, 3), np.uint8)] * 3
+    assert np.abs(images[0].astype(int) - images[2].astype(int)).max() <= 1
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() > 10
+    other_seed = pipe.t2i(prompts[:1], height=64, width=96, steps=4, seeds=[43])[0]
+    assert np.abs(images[0].astype(int) - other_seed.astype(int)).max() > 10
+    videos = pipes["video"].t2v(["A red fox trots through fresh snow."], height=64, width=80, frames=6, steps=2)
+    assert [(v.shape, v.dtype) for v in videos] == [((5, 64, 80, 3), np.uint8)]  # 6 frames -> 2 latent -> 5
+
+
+def _spy_on_denoise(monkeypatch: pytest.MonkeyPatch) -> list[list[GenerationInput]]:
+    seen: list[list[GenerationInput]] = []
+
+    def spy(model, tokenizer, task, inputs, settings, **kwargs):
+        seen.append(inputs)
+        return denoise(model, tokenizer, task, inputs, settings, **kwargs)
+
+    monkeypatch.setattr(generate, "denoise", spy)
+    return seen
+
+
+def _posterior_sample(pipe: LancePipeline, frames: np.ndarray, seed: int) -> torch.Tensor:
+    """Independent derivation of a sampled VAE condition: [t, h, w, 48]."""
+    mu, log_var = pipe.vae.encode(preprocess.vae_pixels(frames))
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed))
+    return (mu + torch.exp(0.5 * log_var) * eps)[0].permute(1, 2, 3, 0)
+
+
+@pytest.mark.parametrize("task", ["image_edit", "video_edit"])
+def test_pipeline_edit_conditions(task: str, pipes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The edit's ViT tokens are the official ones for the golden input; the source latent is the posterior
+    sampled with the row's seed; a second input of another aspect ratio goes to its own batch."""
+    g, meta = _golden(task)
+    pipe = pipes[meta["model_family"]]
+    image, video = _golden_media()
+    source = image if task == "image_edit" else video
+    square = np.random.default_rng(0).integers(0, 256, (1, 40, 40, 3), dtype=np.uint8)
+    other = square[0] if task == "image_edit" else np.repeat(square, 5, axis=0)
+    seen = _spy_on_denoise(monkeypatch)
+    rows = media_rows([source, other], ["Make it red.", "Make it blue."], meta["resolution"], [42, 5])
+    latents = generate_media(pipe.model, pipe.tokenizer, pipe.vae, task, rows, SamplerSettings(steps=1),
+                             preset=meta["resolution"], max_batch_size=1, return_latents=True)
+    t = 1 if task == "image_edit" else 2
+    assert [tuple(z.shape) for z in latents] == [(t, 14, 19, 48), (t, 16, 16, 48)]  # row order kept
+    assert [len(batch) for batch in seen] == [1, 1]
+    (golden_row,) = next(batch for batch in seen if batch[0].prompt == "Make it red.")
+    gt, gh, gw = g["vit_grid_thw_0"][0].tolist()
+    assert golden_row.vit_grid == (gt, gh // 2, gw // 2)
+    assert _max_rel(golden_row.vit_tokens, g["vit_out_0"]) < 1e-4
+    frames = source.reshape(-1, *source.shape[-3:])  # (T, H, W, 3), already bucket-sized
+    torch.testing.assert_close(golden_row.cond_latent, _posterior_sample(pipe, frames, 42))
+
+
+def test_pipeline_i2v_keeps_the_image_latent(pipes, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = pipes["video"]
+    image, _ = _golden_media()
+    seen = _spy_on_denoise(monkeypatch)
+    rows = media_rows([image], ["The yellow disc rolls to the right."], "video_192p", [42], frames=5)
+    (latent,) = generate_media(pipe.model, pipe.tokenizer, pipe.vae, "i2v", rows, SamplerSettings(steps=2),
+                               preset="video_192p", return_latents=True)
+    expected = _posterior_sample(pipe, image[None], 42)  # [1, 14, 19, 48]
+    assert seen[0][0].target == (2, 14, 19)
+    torch.testing.assert_close(seen[0][0].cond_latent, expected)
+    torch.testing.assert_close(latent[:1], expected)
+    assert not torch.allclose(latent[1:], expected.expand(1, -1, -1, -1), atol=0.1)

@@ -216,3 +216,14 @@ def test_frames_and_output_sizes() -> None:
     assert P.output_size(100, 90) == (96, 80)
     with pytest.raises(ValueError):
         P.output_size(8, 64)
+
+
+@pytest.mark.parametrize("stream", ["vae", "vit"])
+def test_stream_size_is_the_resized_shape(stream: str) -> None:
+    rng = np.random.default_rng(3)
+    for height, width in [(37, 211), (300, 301), (64, 64), (500, 90), (97, 130)]:
+        img = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        out = P.resize_to_bucket(img, "image_256res", stream)
+        h, w = P.stream_size(height, width, "image_256res", stream)
+        assert out.shape == (1, h, w, 3)
+        assert h % P.DIVISOR[stream] == 0 and w % P.DIVISOR[stream] == 0
