@@ -20,6 +20,7 @@ scheduled time is never run twice.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sqlite3
 import sys
@@ -111,31 +112,30 @@ def wall_to_utc(wall: datetime, zone: ZoneInfo) -> datetime:
     return datetime.fromtimestamp(hi, timezone.utc)
 
 
+def _instants(schedule: ScheduleSpec, after: datetime) -> Iterator[datetime]:
+    """The schedule's instants strictly after `after`, in order, each once, as UTC datetimes."""
+    zone = ZoneInfo(schedule.timezone)
+    # Wall-clock times map to instants monotonically (see wall_to_utc), so walking the cron over
+    # naive local times from `after`'s wall-clock time sees every match in order.
+    it = croniter(schedule.cron, after.astimezone(zone).replace(tzinfo=None))
+    previous = after
+    while True:
+        instant = wall_to_utc(it.get_next(datetime), zone)
+        if instant > previous:  # skipped wall times all land on the jump: keep one
+            previous = instant
+            yield instant
+
+
 def due_times(
     schedule: ScheduleSpec, after: datetime, until: datetime, limit: int = MAX_DUE_PER_TICK
 ) -> list[datetime]:
-    """Scheduled instants in (after, until], oldest first, as UTC datetimes (at most the newest `limit`)."""
-    zone = ZoneInfo(schedule.timezone)
-    # Wall-clock times map to instants monotonically (see wall_to_utc), so walking the cron over
-    # naive local times from `after`'s wall-clock time and stopping past `until` sees every match.
-    it = croniter(schedule.cron, after.astimezone(zone).replace(tzinfo=None))
-    found: deque[datetime] = deque(maxlen=limit)
-    while True:
-        instant = wall_to_utc(it.get_next(datetime), zone)
-        if instant > until:
-            return list(found)
-        if instant > after and (not found or instant != found[-1]):
-            found.append(instant)
+    """Scheduled instants in (after, until], oldest first (at most the newest `limit`)."""
+    return list(deque(itertools.takewhile(lambda t: t <= until, _instants(schedule, after)), maxlen=limit))
 
 
 def next_after(schedule: ScheduleSpec, moment: datetime) -> datetime:
-    """The first scheduled instant strictly after `moment` (UTC)."""
-    zone = ZoneInfo(schedule.timezone)
-    it = croniter(schedule.cron, moment.astimezone(zone).replace(tzinfo=None))
-    while True:
-        instant = wall_to_utc(it.get_next(datetime), zone)
-        if instant > moment:
-            return instant
+    """The first scheduled instant strictly after `moment`."""
+    return next(_instants(schedule, moment))
 
 
 def run_date_for(schedule: ScheduleSpec, scheduled_for: datetime) -> str:

@@ -4,7 +4,9 @@ Goldens: tests/fixtures/golden/fp32_kv/<task>/generation.* (see tests/test_lance
 were trimmed).  The golden VAE is the full-size random one, so the conditions it produced are injected:
 ``cond_latent`` (the sampled VAE posterior the official run used) and, for edits, the ViT output
 ``vit_out_0`` (the ViT itself is tested in the understanding tests).  Everything else -- layouts, position
-ids, noise, prefill, 30 denoising steps with CFG -- is ours.
+ids, noise, prefill, 30 denoising steps with CFG -- is ours.  tests/fixtures/golden/bf16_kv/t2i/generation.safetensors
+holds final_latent_0 (as ``final_latent_target``) and the step-0 velocities of the official bf16 run
+(/work/shared/lance/golden/bf16_kv/t2i).
 """
 
 from __future__ import annotations
@@ -137,6 +139,24 @@ def test_denoising_matches_official(task: str, models, monkeypatch: pytest.Monke
     assert _max_rel(latents[0], g["final_latent_target"]) < 1e-3
     if task == "i2v":  # latent frame 0 is the clean first frame, untouched
         assert torch.equal(latents[0, :1], g["cond_latent"])
+
+
+def test_bfloat16_matches_the_official_bfloat16_run(tiny_ckpt: Path) -> None:
+    """Loose bounds (golden README §5): the official bf16 flow has hard-coded casts ours need not copy."""
+    golden = load_file(FIXTURES / "bf16_kv" / "t2i" / "generation.safetensors")
+    pipe = LancePipeline.from_pretrained(str(tiny_ckpt), family="image", device="cpu", dtype="bfloat16")
+    seen: list[StepInfo] = []
+    latents = denoise(pipe.model, pipe.tokenizer, "t2i", [_golden_input("t2i")], SamplerSettings(),
+                      on_step=lambda s: seen.append(s) if s.step == 0 else None)
+    assert latents.dtype == torch.bfloat16
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return torch.nn.functional.cosine_similarity(a.float().flatten(), b.flatten(), dim=0).item()
+
+    assert cos(seen[0].v_cond[0], golden["step0_v_cond_target_span"]) > 0.9999
+    assert cos(seen[0].v[0], golden["step0_v_cfg_renormed_target_span"]) > 0.999
+    assert cos(latents[0], golden["final_latent_target"]) > 0.9999
+    assert _max_rel(latents[0].float(), golden["final_latent_target"]) < 0.03
 
 
 @pytest.mark.parametrize("task", ["t2i", "image_edit"])

@@ -112,3 +112,16 @@ def test_mrope_sections(model) -> None:
     axis = [0] * 4 + [1] * 6 + [2] * 6
     expected = torch.cos(torch.tensor([float(pos[a, 0]) for a in axis]) * inv_freq)
     torch.testing.assert_close(cos[0], torch.cat([expected, expected]))
+
+
+@torch.inference_mode()
+def test_static_decode_shapes_give_the_same_step(model) -> None:
+    # CUDA-graph decoding attends over the whole (masked) capacity; results must not change.
+    x, pos = _inputs(7, 30)
+    outs = []
+    for static in (False, True):
+        cache = KVCache(model.llm_cfg, 1, 40, "cpu", torch.float32)
+        cache.static_decode = static
+        model.llm(x[:6], pos[:, :6], [[Split(6, True)]], cache=cache)
+        outs.append(model.llm(x[6:], pos[:, 6:], [[Split(1, True)]], cache=cache))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)

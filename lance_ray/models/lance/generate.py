@@ -111,10 +111,11 @@ def _check_inputs(task: str, inputs: list[GenerationInput], hidden: int) -> None
 
 
 def _prefix_embeddings(model: LanceModel, layout: GenerationLayout, inp: GenerationInput) -> torch.Tensor:
-    """Input embeddings of the whole conditional sequence except the target latents: [L, H].
+    """Input embeddings of the whole conditional sequence: [L, H].
 
     Text tokens (including each visual's start/end tokens) embed their ids; edits put the ViT tokens and
-    the clean source latent (σ = 0) into their placeholder spans.
+    the clean source latent (σ = 0) into their placeholder spans.  The target's latent rows keep their
+    placeholder embedding here: the denoising loop builds them anew at every step.
     """
     device = model.llm.embed.weight.device
     x = model.llm.embed(layout.token_ids.to(device))

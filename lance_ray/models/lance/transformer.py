@@ -124,9 +124,11 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.capacity = capacity
-        self.lens = [
-            0
-        ] * batch  # host copy: per-split loops need python ints, and keeping it here avoids syncs
+        # Host copy of the lengths: per-split loops need python ints, and keeping it here avoids syncs.
+        self.lens = [0] * batch
+        # Decoding attends over the whole capacity (masked) instead of the longest row, so every step
+        # has the same shapes and can be replayed as a CUDA graph.
+        self.static_decode = False
         self.lens_t = torch.zeros(batch, dtype=torch.long, device=device)
 
     @property
@@ -148,6 +150,7 @@ class KVCache:
         index = torch.tensor(rows, device=self.lens_t.device)
         out.k = [k.index_select(0, index) for k in self.k]
         out.v = [v.index_select(0, index) for v in self.v]
+        out.static_decode = self.static_decode
         out.capacity, out.lens, out.lens_t = (
             self.capacity,
             [self.lens[r] for r in rows],
@@ -166,9 +169,10 @@ def rotary_cos_sin(
     """
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=pos.device) / hd))
-    axis = torch.repeat_interleave(
-        torch.arange(3, device=pos.device), torch.tensor(cfg.mrope_section, device=pos.device)
-    )  # [hd/2]
+    # Axis of each slot, built with device ops only (no host-to-device copy: CUDA-graph safe).
+    slot = torch.arange(hd // 2, device=pos.device)
+    t_end, h_end = cfg.mrope_section[0], cfg.mrope_section[0] + cfg.mrope_section[1]
+    axis = (slot >= t_end).long() + (slot >= h_end).long()  # [hd/2]: 0 = t, 1 = h, 2 = w
     angles = pos.float().T[:, axis] * inv_freq  # [N, hd/2]: position of the slot's axis * its frequency
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -266,13 +270,14 @@ class MoTBlock(nn.Module):
         rows = torch.arange(B, device=q.device)
         kc[rows, :, cache.lens_t] = k
         vc[rows, :, cache.lens_t] = v
-        n_keys = max(cache.lens) + 1
+        n_keys = cache.capacity if cache.static_decode else max(cache.lens) + 1
         valid = torch.arange(n_keys, device=q.device)[None, :] <= cache.lens_t[:, None]  # [B, n_keys]
         # GQA without repeating the cache: fold the query heads of one kv head into the query axis.
         qg = q.view(B, nkv, nh // nkv, hd)
-        out = F.scaled_dot_product_attention(
-            qg, kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=valid[:, None, None]
-        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(
+                qg, kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=valid[:, None, None]
+            )
         return out.reshape(B, nh * hd)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .sequence import UnderstandingLayout
 from .tokenizer import IM_END
-from .transformer import KVCache, LanceModel, Split
+from .transformer import KVCache, LanceModel, LanguageModel, Split
 
 STOP_CHECK_EVERY = 8  # decoding steps between host checks for "all samples finished"
 
@@ -53,14 +53,57 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: 
     return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
 
 
+class DecodeStep:
+    """Logits of one decoding step (one token per row).  With `cuda_graph` the step is recorded once
+    as a CUDA graph and replayed: a decoding step is hundreds of tiny kernels whose launch cost would
+    otherwise dominate (the cache's `static_decode` keeps every step's shapes identical)."""
+
+    def __init__(self, llm: LanguageModel, cache: KVCache, vocab_limit: int, cuda_graph: bool) -> None:
+        self.llm, self.cache, self.vocab_limit = llm, cache, vocab_limit
+        self.rows = [[Split(1, True)] for _ in range(cache.batch)]
+        self.cuda_graph = cuda_graph
+        cache.static_decode = cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        logits = self.llm.lm_head(self.llm(self.llm.embed(tokens), pos, self.rows, cache=self.cache))
+        logits[:, self.vocab_limit:] = float("-inf")
+        return logits
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graph:
+            return self._logits(tokens, pos)
+        cache = self.cache
+        if self.graph is None:
+            self.tokens, self.pos = tokens.clone(), pos.clone()
+            lens, lens_t = list(cache.lens), cache.lens_t.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up; it writes exactly the k/v the replay writes again
+                self._logits(self.tokens, self.pos)
+            torch.cuda.current_stream().wait_stream(side)
+            cache.lens_t.copy_(lens_t)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._logits(self.tokens, self.pos)
+            cache.lens = lens  # capturing ran the host bookkeeping but no kernel
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        self.graph.replay()  # also advances cache.lens_t on the device
+        cache.lens = [n + 1 for n in cache.lens]
+        return self.logits
+
+
 @torch.inference_mode()
 def generate_text(model: LanceModel, layouts: list[UnderstandingLayout], vit_tokens: list[list[torch.Tensor]], *,
                   eos_id: int, vocab_limit: int, max_new_tokens: int = 256, temperature: float = 0.0,
-                  top_p: float = 1.0, seeds: list[int] | None = None) -> DecodeResult:
+                  top_p: float = 1.0, seeds: list[int] | None = None,
+                  cuda_graph: bool | None = None) -> DecodeResult:
     """Decode answers for B prompts.  vit_tokens[b] holds the ViT outputs of sample b's visuals.
 
     temperature 0 = greedy (the official default); otherwise sampling with a per-sample generator seeded
-    by seeds[b], so a sample's draw does not depend on its batch neighbours.
+    by seeds[b], so a sample's draw does not depend on its batch neighbours.  `cuda_graph` (default: on
+    CUDA devices) replays the decoding step as a CUDA graph.
     """
     llm = model.llm
     device, dtype = llm.embed.weight.device, llm.embed.weight.dtype
@@ -81,15 +124,13 @@ def generate_text(model: LanceModel, layouts: list[UnderstandingLayout], vit_tok
     if temperature > 0:
         seeds = seeds if seeds is not None else [0] * B
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    one_token = [[Split(1, True)] for _ in range(B)]
+    step_fn = DecodeStep(llm, cache, vocab_limit, device.type == "cuda" if cuda_graph is None else cuda_graph)
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     first_logits = None
     n_steps = 0
     for step in range(max_new_tokens):
-        h = llm(llm.embed(tokens), (step_pos + step).expand(3, B), one_token, cache=cache)
-        logits = llm.lm_head(h)
-        logits[:, vocab_limit:] = float("-inf")
+        logits = step_fn(tokens, (step_pos + step).expand(3, B))
         if first_logits is None:
             first_logits = logits.float().clone()
         tokens = logits.argmax(-1) if temperature <= 0 else _sample(logits, temperature, top_p, generators)
