@@ -127,3 +127,32 @@ def test_s3_source_downloads_once(tiny_ckpt: Path, tmp_path: Path, s3_server: st
     assert again.weights.stat().st_mtime_ns == stamp  # cached, not fetched again
     assert not (tmp_path / "remote/s3/ckpts/lance/downloads/Lance_3B_Video").exists()
     assert json.loads((files.model_dir / "llm_config.json").read_text())["hidden_size"] == 128
+
+
+def test_hub_source_downloads_only_what_the_family_needs(tiny_ckpt: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, cache_dir=None):
+        calls.append((repo_id, revision, list(allow_patterns)))
+        snap = tmp_path / "snap" / str(len(calls))
+        for path in tiny_ckpt.rglob("*"):
+            rel = path.relative_to(tiny_ckpt).as_posix()
+            if path.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, snap / rel)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    files = resolve_checkpoint("bytedance-research/Lance", "image", revision="abc123", cache_dir=tmp_path)
+    assert calls[0][:2] == ("bytedance-research/Lance", "abc123")
+    assert files.vae_path is None and files.weights.exists()
+    assert not (files.model_dir.parent / "Lance_3B_Video").exists()
+    assert not (files.model_dir.parent / "Wan2.2_VAE.pth").exists()
+    with_vae = resolve_checkpoint("bytedance-research/Lance", "image", revision="abc123", cache_dir=tmp_path,
+                                  with_vae=True)
+    assert with_vae.vae_path is not None and with_vae.vae_path.exists()

@@ -125,3 +125,20 @@ def test_static_decode_shapes_give_the_same_step(model) -> None:
         model.llm(x[:6], pos[:, :6], [[Split(6, True)]], cache=cache)
         outs.append(model.llm(x[6:], pos[:, 6:], [[Split(1, True)]], cache=cache))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+
+
+@torch.inference_mode()
+def test_rows_with_identical_layouts_are_batched_without_changing_results(model) -> None:
+    # Rows 0, 2, 3 share splits (one attention batch), row 1 differs; each must match its lone run.
+    layouts = [[Split(4, True), Split(3, False)], [Split(5, True)], [Split(4, True), Split(3, False)],
+               [Split(4, True), Split(3, False)]]
+    xs = [_inputs(sum(s.length for s in r), 40 + i) for i, r in enumerate(layouts)]
+    for with_cache in (False, True):
+        cache = KVCache(model.llm_cfg, 4, 16, "cpu", torch.float32) if with_cache else None
+        packed = model.llm(torch.cat([x for x, _ in xs]), torch.cat([p for _, p in xs], 1), layouts, cache=cache)
+        alone = torch.cat([model.llm(x, p, [r]) for (x, p), r in zip(xs, layouts, strict=True)])
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    # ...and the cache rows hold the same keys as separate caches would.
+    single = KVCache(model.llm_cfg, 1, 16, "cpu", torch.float32)
+    model.llm(xs[2][0], xs[2][1], [layouts[2]], cache=single)
+    torch.testing.assert_close(cache.k[1][2, :, :7], single.k[1][0, :, :7], atol=1e-5, rtol=1e-5)

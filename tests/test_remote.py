@@ -268,6 +268,7 @@ def write_caption_job(root: Path, *, schedule: str | None = None) -> Path:
     return job
 
 
+@pytest.mark.slow
 def test_submit_follow_status_logs_list(jobs_head, tmp_path, capsys, monkeypatch):
     secret = "s3cr3t-value-never-printed"
     monkeypatch.setenv("LANCE_RAY_TEST_TOKEN", secret)

@@ -193,8 +193,7 @@ def denoise(
         rows.append([Split(s.length, s.causal) for s in splits])
     capacity = max(sum(s.length for s in r) for r in rows)
     cache = KVCache(llm.cfg, cache_rows, capacity, device, dtype)
-    # Expert masks stay on the host: the backbone derives its routing indices from them without a device sync.
-    llm(torch.cat(xs), torch.cat(pos, dim=1).to(device), rows, cache=cache, gen_mask=torch.cat(gen))
+    llm(torch.cat(xs), torch.cat(pos, dim=1).to(device), rows, cache=cache, gen_mask=torch.cat(gen).to(device))
     del xs, gen
 
     # ---- the per-step query: [<|vision_start|>, N_target latents, <|vision_end|>] per row -----------------
@@ -209,8 +208,9 @@ def denoise(
         uncond_pos = torch.cat([lay.uncond_target_position_ids for lay in layouts], dim=1)
         query_pos[True] = torch.cat([cond_pos, uncond_pos], dim=1).to(device)
         query_rows[True] = [[Split(Lq, False)]] * (2 * B)
-    query_gen_mask = torch.ones(Lq, dtype=torch.bool)  # host, as above: start/end tokens use the und expert
-    query_gen_mask[0] = query_gen_mask[-1] = False
+    gen_row = torch.ones(Lq, dtype=torch.bool, device=device)  # start/end tokens use the und expert
+    gen_row[0] = gen_row[-1] = False
+    query_gen_mask = {False: gen_row.repeat(B), True: gen_row.repeat(2 * B)}
     pos_index = latent_position_index(t, h, w).to(device).repeat(B)  # [B * N_target]
     sigma_rows = torch.zeros(n_target, device=device)
 
@@ -228,7 +228,7 @@ def denoise(
             query_pos[cfg],
             query_rows[cfg],
             cache=cache,
-            gen_mask=query_gen_mask.repeat(n_query_rows),
+            gen_mask=query_gen_mask[cfg],
             update_cache=False,
         )
         v_all = model.latent.velocity(hidden.view(n_query_rows, Lq, -1)[:, 1:-1])  # [rows, N_target, 48]

@@ -88,7 +88,7 @@ class LancePipeline:
         return self._x2t(videos, questions, "video", preset=preset, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, seeds=seeds, system_prompt=system_prompt)
 
-    def _x2t(self, media: list[np.ndarray], questions: list[str], kind: str, *, preset: str,
+    def _x2t(self, media: list[np.ndarray], questions: list[str | None], kind: str, *, preset: str,
              max_new_tokens: int, temperature: float, top_p: float, seeds: list[int] | None,
              system_prompt: str | None) -> list[str]:
         if len(media) != len(questions):
@@ -107,7 +107,7 @@ class LancePipeline:
         counts = [t * h * w // merge**2 for t, h, w in grids]
         vit_tokens = [[chunk] for chunk in vit_out.split(counts)]
         layouts = [
-            build_understanding(self.tokenizer, q, [(t, h // merge, w // merge)], system_prompt=system_prompt,
+            build_understanding(self.tokenizer, q or "", [(t, h // merge, w // merge)], system_prompt=system_prompt,
                                 kind=kind, tokens_per_second=self.model.llm_cfg.tokens_per_second)
             for q, (t, h, w) in zip(questions, grids, strict=True)
         ]

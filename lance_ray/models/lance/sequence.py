@@ -28,7 +28,8 @@ How the official code builds a sample (and what we reproduce bit for bit, verifi
    <|im_start|>assistant\\n{assistant}<|im_end|>` (stripped), every visual as
    `<|vision_start|><|video_pad|><|vision_end|>`; tokenize the whole string;
 2. expand each visual's single pad to its token count;
-3. locate the user prompt by its standalone tokenization (first contiguous match; no match -> error);
+3. locate the user prompt by its standalone tokenization (first contiguous match, even inside the system
+   prompt -- an official quirk we keep; no match -> error);
 4. split: text runs are causal (a run holding the prompt is cut into before / prompt / after), each
    visual with its `<|vision_start|>`/`<|vision_end|>` is one split;
 5. positions: Qwen2.5-VL `get_rope_index` (text sequential; a visual at offset o gets
@@ -288,8 +289,9 @@ def build_understanding(tok: LanceTokenizer, question: str, vit_grids: list[Grid
 
     `answer` only exists to rebuild training-style samples (the goldens carry one); inference leaves it empty.
     """
-    _check_user_text(question)
     system = system_prompt if system_prompt is not None else default_understanding_system_prompt(kind)
+    _check_user_text(question)
+    _check_user_text(system)
     visuals = [Visual("vit", g) for g in vit_grids]
     sample = _build(tok, system, VISUAL_MARK * len(visuals) + question, answer, visuals, search_text="")
     ids = sample.token_ids

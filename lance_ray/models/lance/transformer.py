@@ -15,6 +15,8 @@ row in this call, and to itself (causally, bottom-right aligned, or fully).  Row
 
     h = lm(x, pos, rows, cache=cache, gen_mask=gen_mask, update_cache=True)   # [N, H], final-normed
 
+Pass `routing=Routing(gen_mask)` instead of `gen_mask` to reuse the expert split across many calls.
+
 `KVCache(cfg, batch, capacity, device, dtype)` holds per-layer keys/values `[B, nkv, capacity, hd]`
 and the per-row lengths; row b of the cache is row b of `rows`.  With `update_cache=False` the call
 reads the cache without extending it (the denoising query of generation).  Calls where every row has
@@ -199,6 +201,7 @@ class MoTBlock(nn.Module):
         sin: torch.Tensor,
         route: Routing,
         rows: list[list[Split]],
+        groups: list[RowGroup],
         cache: KVCache | None,
         update_cache: bool,
     ) -> torch.Tensor:
@@ -212,7 +215,7 @@ class MoTBlock(nn.Module):
         qkv = route.apply(qkv_of(und), qkv_of(gen), x)  # [N, nh + 2*nkv, hd]
         q, k, v = qkv.split([nh, nkv, nkv], dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attn = self._attention(q, k, v, rows, cache, update_cache)  # [N, nh*hd]
+        attn = self._attention(q, k, v, rows, groups, cache, update_cache)  # [N, nh*hd]
         x = x + route.apply(und.o_proj, gen.o_proj, attn)
         return x + route.apply(lambda t: und.mlp(und.mlp_norm(t)), lambda t: gen.mlp(gen.mlp_norm(t)), x)
 
@@ -222,40 +225,45 @@ class MoTBlock(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         rows: list[list[Split]],
+        groups: list[RowGroup],
         cache: KVCache | None,
         update_cache: bool,
     ) -> torch.Tensor:
         # q: [N, nh, hd], k/v: [N, nkv, hd] packed over rows
         if cache is not None and all(len(r) == 1 and r[0].length == 1 for r in rows):
             return self._decode_attention(q, k, v, cache, update_cache)
+        nh, hd = q.shape[1], q.shape[2]
         out = torch.empty_like(q)
-        start = 0
-        for b, splits in enumerate(rows):
-            n_row = sum(s.length for s in splits)
-            if n_row == 0:
-                continue
-            kr, vr = k[start : start + n_row], v[start : start + n_row]
-            past = 0
-            if cache is not None:
-                past = cache.lens[b]
-                if update_cache:
-                    cache.k[self.layer][b, :, past : past + n_row] = kr.transpose(0, 1)
-                    cache.v[self.layer][b, :, past : past + n_row] = vr.transpose(0, 1)
-                    keys, values = cache.k[self.layer][b], cache.v[self.layer][b]  # [nkv, cap, hd]
-                else:
-                    keys = torch.cat([cache.k[self.layer][b, :, :past], kr.transpose(0, 1)], dim=1)
-                    values = torch.cat([cache.v[self.layer][b, :, :past], vr.transpose(0, 1)], dim=1)
+        for g in groups:
+            G, n, past = len(g.rows), g.n_tokens, g.past
+            if G == 1:  # contiguous: plain views, no gather
+                tok = slice(g.first, g.first + n)
+                qg, kg, vg = q[tok][None], k[tok][None], v[tok][None]
             else:
-                keys, values = kr.transpose(0, 1), vr.transpose(0, 1)
-            offset = 0
-            for split in splits:
+                qg, kg, vg = (t[g.token_index].view(G, n, -1, hd) for t in (q, k, v))
+            kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [G, nkv, n, hd]
+            if cache is not None:
+                kc, vc = cache.k[self.layer], cache.v[self.layer]
+                if update_cache:
+                    kc[g.row_index, :, past : past + n] = kg
+                    vc[g.row_index, :, past : past + n] = vg
+                    keys, values = kc[g.row_index, :, : past + n], vc[g.row_index, :, : past + n]
+                else:
+                    keys = torch.cat([kc[g.row_index, :, :past], kg], dim=2)
+                    values = torch.cat([vc[g.row_index, :, :past], vg], dim=2)
+            else:
+                keys, values = kg, vg
+            outs, offset = [], 0
+            for split in g.splits:
                 n_keys = past + offset + split.length
-                qs = q[start + offset : start + offset + split.length].transpose(0, 1)  # [nh, Lq, hd]
-                out[start + offset : start + offset + split.length] = _sdpa(
-                    qs, keys[:, :n_keys], values[:, :n_keys], split.causal
-                ).transpose(0, 1)
+                qs = qg[:, offset : offset + split.length].transpose(1, 2)  # [G, nh, Lq, hd]
+                outs.append(_sdpa(qs, keys[:, :, :n_keys], values[:, :, :n_keys], split.causal).transpose(1, 2))
                 offset += split.length
-            start += n_row
+            og = torch.cat(outs, dim=1).reshape(G * n, nh, hd)
+            if G == 1:
+                out[g.first : g.first + n] = og
+            else:
+                out[g.token_index] = og
         return out.flatten(1)
 
     def _decode_attention(
@@ -282,19 +290,53 @@ class MoTBlock(nn.Module):
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Attention of one split.  q: [nh, Lq, hd], k/v: [nkv, Lk, hd]; causal is bottom-right aligned."""
-    groups = q.shape[0] // k.shape[0]
+    """Attention of one split for G rows.  q: [G, nh, Lq, hd], k/v: [G, nkv, Lk, hd]; causal is
+    bottom-right aligned (query i sees keys up to Lk - Lq + i)."""
+    groups = q.shape[1] // k.shape[1]
     if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
-    q, k, v = q[None], k[None], v[None]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     Lq, Lk = q.shape[2], k.shape[2]
     with sdpa_kernel(SDPA_BACKENDS):
         if causal and Lq > 1:
             mask = causal_lower_right(Lq, Lk) if Lq != Lk else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@dataclass
+class RowGroup:
+    """Rows that carry the same splits over the same cached length: their attention runs as one batch."""
+
+    rows: list[int]
+    first: int  # packed offset of the first row's tokens (used when the group has one row)
+    n_tokens: int  # per row
+    past: int
+    splits: tuple[Split, ...]
+    row_index: torch.Tensor | slice  # [G] cache rows
+    token_index: torch.Tensor | None  # [G * n_tokens] packed token positions (None for a single row)
+
+
+def group_rows(rows: list[list[Split]], cache: KVCache | None, device: torch.device) -> list[RowGroup]:
+    """Group rows by (cached length, splits); built once per forward, shared by all layers."""
+    by_sig: dict[tuple, list[tuple[int, int]]] = {}
+    start = 0
+    for b, splits in enumerate(rows):
+        n = sum(s.length for s in splits)
+        if n:
+            past = cache.lens[b] if cache is not None else 0
+            by_sig.setdefault((past, tuple(splits)), []).append((b, start))
+        start += n
+    groups = []
+    for (past, splits), members in by_sig.items():
+        n = sum(s.length for s in splits)
+        bs = [b for b, _ in members]
+        if len(members) == 1:
+            b, first = members[0]
+            groups.append(RowGroup(bs, first, n, past, splits, slice(b, b + 1), None))
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
-    return out[0]
+            token_index = torch.tensor([first + i for _, first in members for i in range(n)], device=device)
+            groups.append(RowGroup(bs, members[0][1], n, past, splits, torch.tensor(bs, device=device), token_index))
+    return groups
 
 
 class LanguageModel(nn.Module):
@@ -318,16 +360,22 @@ class LanguageModel(nn.Module):
         cache: KVCache | None = None,
         gen_mask: torch.Tensor | None = None,
         update_cache: bool = True,
+        routing: Routing | None = None,
     ) -> torch.Tensor:
-        """x: [N, H] input embeddings, pos: [3, N] -> final-normed hidden states [N, H]."""
+        """x: [N, H] input embeddings, pos: [3, N] -> final-normed hidden states [N, H].
+
+        `routing` = `Routing(gen_mask)` built once by the caller for a layout used many times (the
+        denoising loop): building it looks at the mask on the host, a sync on GPU.
+        """
         if sum(s.length for r in rows for s in r) != x.shape[0]:
             raise ValueError("rows do not add up to the number of packed tokens")
         if cache is not None and len(rows) != cache.batch:
             raise ValueError(f"{len(rows)} rows for a cache of {cache.batch}")
-        route = Routing(gen_mask)
+        route = routing if routing is not None else Routing(gen_mask)
         cos, sin = rotary_cos_sin(pos, self.cfg, x.dtype)
+        groups = group_rows(rows, cache, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, route, rows, cache, update_cache)
+            x = layer(x, cos, sin, route, rows, groups, cache, update_cache)
         if cache is not None and update_cache:
             cache.advance([sum(s.length for s in r) for r in rows])
         return route.apply(self.norm_und, self.norm_gen, x)
