@@ -159,11 +159,23 @@ def bench_generation(results: dict, name: str, run: Callable[[int], object], bat
     results[name] = rows
 
 
+def bench_peak(results: dict, name: str, run: Callable[[], object]) -> None:
+    """Peak memory of one call (run with few steps: memory does not grow with the step count)."""
+    if time.perf_counter() - START > TIME_BUDGET_S:
+        print(f"{name}: skipped, out of time")
+        return
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds, _ = timed(run)
+    results[name] = {"seconds": round(seconds, 2), "peak_gpu_gb": round(peak_gb(), 2)}
+    print(f"{name}: {seconds:.1f}s, peak {peak_gb():.1f} GB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--only", default="load,x2t,t2i,edit",
-                        help="any of load,x2t,t2i,edit (image family) and x2t_video,t2v,video_edit (video family)")
+                        help="any of load,x2t,t2i,edit (image family) and x2t_video,t2v,video_edit,peaks (video family)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lance-bench")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -200,7 +212,7 @@ def main() -> None:
             save()
         del pipe
         torch.cuda.empty_cache()
-    if only & {"x2t_video", "t2v", "video_edit"}:
+    if only & {"x2t_video", "t2v", "video_edit", "peaks"}:
         pipe = make_pipeline("video")
         pipe.t2v(["warm up"], height=256, width=256, frames=5, steps=2)
         if "x2t_video" in only:
@@ -221,6 +233,14 @@ def main() -> None:
                              lambda b: pipe.video_edit([video] * b, ["make it snow"] * b, preset="video_480p",
                                                        seeds=list(range(b))),
                              [1], lambda b: (latent + 2, 2 * latent + vit + 62, b), steps, cfg_steps)
+            save()
+        if "peaks" in only:  # 121 frames at 480p: memory only, two denoising steps
+            long_video = np.random.default_rng(4).integers(0, 256, (121, 480, 848, 3), dtype=np.uint8)
+            bench_peak(results, "t2v_480p_121f_2steps", lambda: pipe.t2v(["a dog"], height=480, width=848,
+                                                                          frames=121, steps=2, seeds=[0]))
+            bench_peak(results, "video_edit_480p_121f_2steps",
+                       lambda: pipe.video_edit([long_video], ["make it snow"], preset="video_480p", steps=2,
+                                               seeds=[0]))
             save()
     save()
     print(json.dumps({k: v for k, v in results.items() if not k.startswith("_")}, indent=2))
