@@ -21,13 +21,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
-import av
 import numpy as np
 from PIL import Image, ImageOps
 
 from lance_ray.storage import filesystem_for
+
+if TYPE_CHECKING:  # PyAV is imported where videos are handled: image-only work runs without it
+    import av
 
 MediaInput = str | bytes
 VideoCodec = Literal["h264", "ffv1"]
@@ -103,6 +105,8 @@ class VideoInfo:
 
 @contextmanager
 def _video_container(src: MediaInput) -> Iterator[av.container.InputContainer]:
+    import av
+
     with _open_binary(src) as f:
         try:
             container = av.open(f, "r")
@@ -128,6 +132,8 @@ def probe_video(src: MediaInput) -> VideoInfo:
     video packets; the first frame is decoded to read the display matrix and to prove the stream
     decodes at all.
     """
+    import av
+
     with _video_container(src) as container:
         stream = container.streams.video[0]
         try:
@@ -154,6 +160,8 @@ def decode_video(src: MediaInput, indices: Sequence[int] | None = None) -> np.nd
 
     Raises `MediaError` when the file is corrupt or ends before the last requested frame.
     """
+    import av
+
     wanted = None if indices is None else {int(i) for i in indices}
     if wanted is not None and (not wanted or min(wanted) < 0):
         raise ValueError(f"frame indices must be non-negative and non-empty, got {indices}")
@@ -197,6 +205,8 @@ def encode_video(
       needs even sides, so an odd height/width is padded by repeating the last row/column.
     * `ffv1`: lossless FFV1 (RGB, bit-exact) in Matroska (`.mkv`).
     """
+    import av
+
     _check_frames(frames)
     rate = Fraction(fps).limit_denominator(1001)
     buf = io.BytesIO()
