@@ -13,20 +13,20 @@ from dataclasses import dataclass, field
 
 from lance_ray.spec import Job, Step
 
-# Seconds of one GPU per row at the task's default shape, on an H100 with batching
-# (benchmarks/ refine these; see benchmarks/README.md). Used only for the plan's estimate.
+# Seconds of one H100 per row at the task's default shape and batch, measured by benchmarks/
+# (README there): captions at batch 32, t2i/edits at batch 4, video tasks at 49 frames, 480p.
 GPU_SECONDS_PER_ROW: dict[str, float] = {
-    "x2t_image": 0.1,
-    "x2t_video": 0.8,
-    "t2i": 2.0,
-    "image_edit": 3.0,
-    "t2v": 35.0,
-    "i2v": 35.0,
-    "video_edit": 60.0,
+    "x2t_image": 0.09,
+    "x2t_video": 2.0,
+    "t2i": 2.05,
+    "image_edit": 2.5,
+    "t2v": 28.2,
+    "i2v": 28.2,
+    "video_edit": 51.3,
 }
 # Rows per model call when a step does not say (video tasks are compute-bound at batch 1).
 DEFAULT_BATCH_SIZE: dict[str, int] = {
-    "x2t_image": 16, "x2t_video": 4, "t2i": 4, "image_edit": 2, "t2v": 1, "i2v": 1, "video_edit": 1,
+    "x2t_image": 32, "x2t_video": 4, "t2i": 4, "image_edit": 4, "t2v": 1, "i2v": 1, "video_edit": 1,
 }
 
 

@@ -184,6 +184,10 @@ class JobRunner:
         started = time.perf_counter()
         batch_sizes = {planned.step.name: planned.batch_size for planned in group.steps}
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        # Ray Data hands each actor whole blocks: a small step read as one block would keep every GPU
+        # but one idle. Rows here are only prompts and URIs, so re-blocking them costs little.
+        pending = sum(s.rows - s.skipped for s in summaries.values())
+        ds = ds.repartition(_block_count(pending, max(batch_sizes.values()), group.actors))
         # Distinct CPU requests keep Ray Data from fusing the CPU stages into the GPU actor.
         ds = ds.map_batches(prepare_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=2,
                             num_cpus=0.5)
@@ -205,7 +209,6 @@ class JobRunner:
         ds = ds.map_batches(
             finish_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=None, num_cpus=0.5
         )
-        pending = sum(s.rows - s.skipped for s in summaries.values())
         bar = _progress_bar(pending, f"{group.family} [{', '.join(summaries)}]", self.progress)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for step_name, error in zip(
@@ -236,6 +239,11 @@ class JobRunner:
                     "finished_at": datetime.now(timezone.utc).isoformat(),
                 },
             )
+
+
+def _block_count(rows: int, batch_size: int, actors: int) -> int:
+    """Enough blocks of about one batch each that every actor has work, capped to keep blocks useful."""
+    return max(1, min(-(-rows // batch_size), max(4 * actors, 64)))
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
