@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_JOB, EXIT_RUN_FAILED = 0, 1, 2, 3
@@ -61,7 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lance_ray.runner import SUMMARY_PREFIX, format_summary, run_job
+    from lance_ray.runner import SUMMARY_PREFIX, format_summary, new_run_id, run_job
 
     job = _load(args.job)
     if job is None:
@@ -70,12 +71,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.output:
         job = job.model_copy(update={"output": str(Path(args.output).resolve()) if "://" not in args.output
                                      else args.output})
-    if args.run_date or args.run_id:
-        job = job.with_run_context(run_date=args.run_date or "", run_id=args.run_id or "")
+    # {run_date} / {run_id} in output paths: scheduled runs pass them, a manual run gets today and a new id.
+    run_id = args.run_id or new_run_id()
+    run_date = args.run_date or datetime.now(timezone.utc).date().isoformat()
+    job = job.with_run_context(run_date=run_date, run_id=run_id)
     try:
         summary = run_job(job, address=args.address, overwrite=args.overwrite, retry_failed=args.retry_failed,
                           progress=not args.no_progress,
-                          run_id=args.run_id, verbose=args.verbose)
+                          run_id=run_id, verbose=args.verbose)
     except Exception as exc:  # the run itself broke (cluster, storage): rows are safe, say what happened
         logging.getLogger("lance_ray").exception("run failed")
         print(f"lance-ray run: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

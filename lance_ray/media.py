@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from lance_ray.models.lance.preprocess import image_to_rgb
 from lance_ray.storage import filesystem_for
 
 if TYPE_CHECKING:  # PyAV is imported where videos are handled: image-only work runs without it
@@ -71,16 +72,9 @@ def decode_image(src: MediaInput) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise MediaError(f"{_name(src)}: not a readable image ({e})") from e
-    if image.mode in ("P", "PA", "LA", "La", "RGBa"):
+    if image.mode in ("PA", "LA", "La", "RGBa"):  # alpha the official rule would drop: composite it too
         image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        # The same paste-with-alpha-mask the official loader uses, so edge pixels round identically.
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.split()[3])
-        image = background
-    else:
-        image = image.convert("RGB")
-    return np.asarray(image, dtype=np.uint8)
+    return image_to_rgb(image)  # the official rule: palette -> RGBA, RGBA on white, else RGB
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -121,7 +121,7 @@ class JobRunner:
         self.overwrite = overwrite
         self.retry_failed = retry_failed
         self.progress = progress
-        self.summary = RunSummary(job=job.name, run_id=run_id or _new_run_id())
+        self.summary = RunSummary(job=job.name, run_id=run_id or new_run_id())
         self.summary.events_uri = storage.join_uri(job.output, "_runs", self.summary.run_id)
         self._lock = threading.Lock()
 
@@ -252,7 +252,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="row", disable=not enabled, dynamic_ncols=True)
 
 
-def _new_run_id() -> str:
+def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 

@@ -110,3 +110,21 @@ def test_killed_run_resumes_to_exactly_once(tmp_path: Path) -> None:
     media = list((out_dir / "media").glob("*.png"))
     assert len(media) == rows
     assert not list(out_dir.rglob("*.tmp*"))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_run_fills_run_date_and_run_id_in_output_paths(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""
+name: dated
+models: {{image: {{source: lance-tiny, backend: debug}}}}
+output: "{tmp_path}/out/{{run_date}}/{{run_id}}"
+steps:
+  - {{name: gen, task: t2i, input: {{rows: [{{prompt: a}}]}}, params: {{height: 32, width: 32}}}}
+""")
+    assert main(["run", str(job), "--no-progress", "--run-id", "nightly-1"]) == 0
+    today = datetime.now(timezone.utc).date().isoformat()
+    rows = read_step_output(str(tmp_path / "out" / today / "nightly-1" / "gen")).to_pylist()
+    assert len(rows) == 1 and rows[0]["error"] is None
