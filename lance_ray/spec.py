@@ -417,7 +417,7 @@ class OutputSpec(_Model):
         description="Output directory or URI; default `<job output>/<step name>`. May contain {run_date} / {run_id}.",
     )
     video_codec: Literal["h264", "ffv1"] = Field(
-        default="h264", description="MP4 codec for videos: h264, or ffv1 (lossless)."
+        default="h264", description="Video codec: h264 (.mp4, default), or ffv1 (lossless, .mkv)."
     )
 
     @field_validator("path")
