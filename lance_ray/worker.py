@@ -1,7 +1,7 @@
 """The stages of a checkpoint group's Ray Data pipeline, in the order rows pass through them.
 
     prepare_rows   CPU tasks   decode input media (official frame sampling), fix each row's seed
-    LanceWorker    actor pool  loads the family's checkpoint once; sub-batches by (step, input shape)
+    LanceWorker    actor pool  loads the family's checkpoint once; sub-batches rows by step
     finish_rows    CPU tasks   encode PNG/MP4, write media files, write the step's Parquet part
 
 A row that goes wrong at any stage keeps going with `error` set, so it is still written (and counted)
@@ -183,11 +183,13 @@ class LanceWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        groups: dict[tuple, list[dict]] = defaultdict(list)
+        # Sub-batches by step (task and params); LancePipeline groups each sub-batch by shape itself
+        # (understanding packs mixed sizes into one call, generation batches same-shape targets).
+        groups: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
             if not row.get("error"):
-                groups[(row["step"], tuple(row.get("pixels_shape") or ()))].append(row)
-        for (step_name, _), members in groups.items():
+                groups[row["step"]].append(row)
+        for step_name, members in groups.items():
             size = self.batch_sizes.get(step_name, 1)
             for start in range(0, len(members), size):
                 self._run_chunk(self.steps[step_name], members[start : start + size])
@@ -199,7 +201,7 @@ class LanceWorker:
         return _table(rows, RESULT_SCHEMA)
 
     def _run_chunk(self, ctx: StepContext, chunk: list[dict]) -> None:
-        """Runs rows of one step and one input shape as one batched call; isolates a failing row."""
+        """Runs rows of one step as one batched call; isolates a failing row."""
         started_at = datetime.now(timezone.utc).isoformat()
         t0 = time.perf_counter()
         try:
