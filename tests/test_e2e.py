@@ -87,3 +87,30 @@ steps:
     served_by = {r["model_id"] for step in ("gen", "edit", "cap")
                  for r in read_step_output(str(tmp_path / "out" / step)).to_pylist()}
     assert served_by == {str(tiny_ckpt)}
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_video_generation_jobs_write_playable_videos(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """t2v and i2v through a job file with the real Lance code: MP4/MKV outputs of the official frame counts."""
+    image = DATASETS / "images" / "sunset_320x240.jpg"
+    job = load_job_text(f"""
+name: videos
+models: {{video: {{source: {tiny_ckpt}, precision: float32}}}}
+output: {tmp_path / 'out'}
+steps:
+  - {{name: t2v, task: t2v, input: {{rows: [{{prompt: "waves"}}, {{prompt: "a bird"}}]}},
+     params: {{height: 64, width: 80, frames: 7, steps: 2, fps: 12}}}}
+  - {{name: i2v, task: i2v, input: {{rows: [{{image: {image}, prompt: "it moves"}}]}},
+     params: {{preset: video_192p, frames: 5, steps: 2}}, output: {{video_codec: ffv1}}}}
+""", "videos.yaml", tmp_path)
+    summary = run_job(job, progress=False)
+    assert [(s.name, s.ok, s.failed) for s in summary.steps] == [("t2v", 2, 0), ("i2v", 1, 0)]
+    for row in read_step_output(str(tmp_path / "out" / "t2v")).to_pylist():
+        frames = media.decode_video(row["media_uri"])
+        # 7 requested frames -> (7 - 1)//4 + 1 = 2 latent frames -> 4·(2 - 1) + 1 = 5 decoded frames
+        assert frames.shape == (5, 64, 80, 3) == (row["frames"], row["height"], row["width"], 3)
+        assert row["fps"] == 12 and row["media_uri"].endswith(".mp4")
+    (i2v,) = read_step_output(str(tmp_path / "out" / "i2v")).to_pylist()
+    frames = media.decode_video(i2v["media_uri"])
+    # The first frame's size follows the image's 4:3 bucket of the preset (224x304 for 256² area).
+    assert frames.shape == (5, 224, 304, 3) and i2v["media_uri"].endswith(".mkv")

@@ -159,11 +159,15 @@ def _displayed_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_local")
-def test_real_media_through_edit_jobs(tmp_path: Path, tiny_ckpt: Path) -> None:
-    images, videos = _media_files(tmp_path / "media")
-    out = _run(tmp_path, tiny_ckpt, [
+@pytest.fixture(scope="module")
+def edit_job(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path, ray_local: None) -> dict:
+    """One job for the edit tests (actors start once): single edits of real files, and a 2-turn edit chained
+    into a caption step."""
+    root = tmp_path_factory.mktemp("edit-job")
+    images, videos = _media_files(root / "media")
+    source = root / "media" / "source.png"
+    Image.fromarray(_pattern(150, 200)).save(source)
+    out = _run(root, tiny_ckpt, [
         {"name": "edit-images", "task": "image_edit",
          "input": {"rows": [{"id": k, "image": str(p)} for k, p in images.items()], "columns": {"row_id": "id"},
                    "prompt": "Make it look like winter."},
@@ -172,8 +176,17 @@ def test_real_media_through_edit_jobs(tmp_path: Path, tiny_ckpt: Path) -> None:
          "input": {"rows": [{"id": k, "video": str(p)} for k, p in videos.items()], "columns": {"row_id": "id"},
                    "prompt": "Make it night."},
          "params": {"preset": "video_192p", "steps": 2}},
+        {"name": "edit-turns", "task": "image_edit", "input": {"rows": [{"image": str(source)}]},
+         "turns": ["Make the sky blue.", "Add a red hat."], "params": {"preset": "image_256res", "steps": 2}},
+        {"name": "caption", "task": "x2t_image", "input": {"from_step": "edit-turns", "prompt": "Describe the image."},
+         "params": {"preset": "image_256res", "max_new_tokens": 4}},
     ])
-    edited = out["edit-images"]
+    return {"out": out, "images": images, "videos": videos, "source": source}
+
+
+@pytest.mark.slow
+def test_real_images_through_image_edit(edit_job: dict) -> None:
+    images, edited = edit_job["images"], edit_job["out"]["edit-images"]
     assert set(edited) == set(images)
     assert "corrupt.jpg" in edited["corrupt"]["error"] and edited["corrupt"]["media_uri"] is None
     for name in ("exif6", "alpha", "gray"):
@@ -184,8 +197,11 @@ def test_real_media_through_edit_jobs(tmp_path: Path, tiny_ckpt: Path) -> None:
         assert pixels.shape == (*expected, 3) == (row["height"], row["width"], 3), name
     assert edited["exif6"]["height"] > edited["exif6"]["width"]  # displayed portrait, edited portrait
 
-    for name, path in videos.items():
-        row = out["edit-videos"][name]
+
+@pytest.mark.slow
+def test_real_videos_through_video_edit(edit_job: dict) -> None:
+    for name, path in edit_job["videos"].items():
+        row = edit_job["out"]["edit-videos"][name]
         assert row["error"] is None, row["error"]
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -195,20 +211,13 @@ def test_real_media_through_edit_jobs(tmp_path: Path, tiny_ckpt: Path) -> None:
         decoded = media.decode_video(row["media_uri"])
         assert (total, decoded.shape) == (13, expected), name
         assert (row["frames"], row["height"], row["width"]) == expected[:3]
-    assert out["edit-videos"]["rot90"]["height"] > out["edit-videos"]["rot90"]["width"]
+    rotated = edit_job["out"]["edit-videos"]["rot90"]
+    assert rotated["height"] > rotated["width"]  # stored landscape, displayed (and edited) portrait
 
 
-@pytest.mark.usefixtures("ray_local")
-def test_multi_turn_edit_then_caption(tmp_path: Path, tiny_ckpt: Path) -> None:
-    source = tmp_path / "source.png"
-    Image.fromarray(_pattern(150, 200)).save(source)
-    out = _run(tmp_path, tiny_ckpt, [
-        {"name": "edit", "task": "image_edit", "input": {"rows": [{"image": str(source)}]},
-         "turns": ["Make the sky blue.", "Add a red hat."], "params": {"preset": "image_256res", "steps": 2}},
-        {"name": "caption", "task": "x2t_image", "input": {"from_step": "edit", "prompt": "Describe the image."},
-         "params": {"preset": "image_256res", "max_new_tokens": 4}},
-    ])
-    (edit,) = out["edit"].values()
+@pytest.mark.slow
+def test_multi_turn_edit_then_caption(edit_job: dict, tiny_ckpt: Path) -> None:
+    (edit,) = edit_job["out"]["edit-turns"].values()
     assert edit["error"] is None
     turns = edit["turn_media_uris"]
     assert len(turns) == 2 and turns[-1] == edit["media_uri"] and turns[0] != turns[1]
@@ -216,7 +225,7 @@ def test_multi_turn_edit_then_caption(tmp_path: Path, tiny_ckpt: Path) -> None:
     decoded = [media.decode_image(uri) for uri in turns]
     assert [d.shape for d in decoded] == [(*size, 3)] * 2
     assert not np.array_equal(decoded[0], decoded[1])  # the second turn edited the first turn's result
-    (caption,) = out["caption"].values()
+    (caption,) = edit_job["out"]["caption"].values()
     assert caption["error"] is None and caption["row_id"] == edit["row_id"]
     assert caption["image"] == edit["media_uri"] and caption["text"]
     # The caption is the model's answer about the last turn's picture, asked directly.
