@@ -313,7 +313,7 @@ def _write_result_media(row: dict, ctx: StepContext, out: dict) -> None:
         _write_pixels(ctx, f"{row['row_id']}-turn{index + 1}", _array(data, shape))["media_uri"]
         for index, (data, shape) in enumerate(turns)
     ]
-    if turn_uris:
+    if ctx.turns:  # every turn's output, the last being the row's result
         out["turn_media_uris"] = turn_uris + [out["media_uri"]]
 
 
