@@ -332,7 +332,7 @@ def test_status_logs_stop_on_a_long_running_job(jobs_head, capsys):
 
 
 def test_scheduler_submits_a_real_run(jobs_head, tmp_path):
-    from test_schedule import FakeClock
+    from fake_clock import FakeClock
 
     from lance_ray.schedule import RunHistory, Scheduler, load_scheduled_jobs, submission_id_for
 

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from croniter import croniter
+from fake_clock import FakeClock
 
 from lance_ray.cli import main
 from lance_ray.remote import ClusterUnreachable, RunInfo, SubmitOptions
@@ -104,23 +105,6 @@ def test_utc_schedule_matches_croniter():
 
 
 # ------------------------------------------------------------------------------- policy harness
-
-
-class FakeClock:
-    def __init__(self, now: datetime):
-        self.now_ = now
-        self.slept: list[float] = []
-
-    def now(self) -> datetime:
-        return self.now_
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now_ += timedelta(seconds=seconds)
-
-    def at(self, moment: datetime) -> FakeClock:
-        self.now_ = moment
-        return self
 
 
 class FakeCluster:
