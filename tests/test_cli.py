@@ -39,6 +39,17 @@ def test_validate_and_plan_accept_every_shipped_job(capsys: pytest.CaptureFixtur
     assert "group image" in out and "group video" in out and "estimated GPU time" in out
 
 
+def test_readme_job_examples_are_valid(tmp_path: Path) -> None:
+    import re
+
+    from lance_ray.spec import load_job_text
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        assert load_job_text(block, "README.md", tmp_path).steps
+
+
 def test_missing_job_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
