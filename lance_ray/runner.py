@@ -163,9 +163,12 @@ class JobRunner:
             source = sources.open_source(step, job, upstream)
             # Failed rows count as done unless asked to retry them; a retried row's newest part wins.
             committed = sinks.committed_row_ids(ctx.output_uri, include_errors=not self.retry_failed)
-            row_ids = [row["row_id"] for row in source.iter_rows()]
-            summary.rows = len(row_ids)
-            summary.skipped = sum(1 for row_id in row_ids if row_id in committed)
+            if committed:  # only a resumed step needs its ids in the driver
+                row_ids = [row["row_id"] for row in source.iter_rows()]
+                summary.rows = len(row_ids)
+                summary.skipped = sum(1 for row_id in row_ids if row_id in committed)
+            else:
+                summary.rows = source.count()
             if summary.rows > summary.skipped:  # a fully committed step starts no actor
                 datasets.append(
                     source.to_dataset(exclude_row_ids=committed).map_batches(
