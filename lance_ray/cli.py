@@ -25,7 +25,7 @@ def _load(path: str):
     from lance_ray.spec import JobSpecError, load_job
 
     try:
-        return load_job(path)
+        return load_job(path, check_paths=True)
     except JobSpecError as err:
         print(err, file=sys.stderr)
         return None

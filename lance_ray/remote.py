@@ -535,7 +535,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from lance_ray.spec import JobSpecError, load_job
 
     try:
-        load_job(args.job)  # a bad job file fails here, before any network
+        load_job(args.job, check_paths=True)  # a bad job file fails here, before any network
         options = submit_options_from_args(args)
         cluster = RemoteCluster(args.address)
         submission_id = cluster.submit(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import glob
 import json
 import os
 import posixpath
@@ -810,14 +811,18 @@ class JobSpecError(Exception):
         return (JobSpecError, (self.problems,))
 
 
-def load_job(path: str | Path, env: Mapping[str, str] | None = None) -> Job:
-    """Load and validate a job file; relative paths in it are resolved against its directory."""
+def load_job(path: str | Path, env: Mapping[str, str] | None = None, *, check_paths: bool = False) -> Job:
+    """Load and validate a job file; relative paths in it are resolved against its directory.
+
+    `check_paths` also reports local input paths that do not exist on this machine (the CLI's
+    validate/plan/run turn it on; a file can be valid where its inputs are not yet present).
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise JobSpecError([SpecProblem(str(path), 1, 1, f"cannot read job file: {err}")]) from None
-    job = load_job_text(text, str(path), file.resolve().parent, env)
+    job = load_job_text(text, str(path), file.resolve().parent, env, check_paths=check_paths)
     job._source_path = str(file.resolve())
     return job
 
@@ -827,6 +832,8 @@ def load_job_text(
     filename: str = "<job>",
     base_dir: str | Path | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    check_paths: bool = False,
 ) -> Job:
     """Like `load_job` for text; `filename` is used in messages, `base_dir` for relative paths (default: cwd)."""
     loaded = load_yaml(text, os.environ if env is None else env)
@@ -850,12 +857,35 @@ def load_job_text(
         problems.append(
             problem(p.path, f"{_dotted(positions.resolve(p.path))}: {p.message}", at_key=p.at_key)
         )
+    if job is not None and check_paths:
+        problems += [problem(loc, message) for loc, message in _missing_inputs(job, loaded.data)]
     # A value the loader already flagged (an unset ${VAR}) is garbage: say nothing more about it.
     flagged = {(p.line, p.col) for p in yaml_problems}
     problems = yaml_problems + [p for p in problems if (p.line, p.col) not in flagged]
     if problems or job is None:
         raise JobSpecError(dict.fromkeys(problems))
     return job
+
+
+def _missing_inputs(job: Job, data: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """Local input paths that do not exist and globs that match nothing, before any work starts.
+
+    URIs (s3://, ...) are checked when the run lists them; model directories are not checked here,
+    as a job submitted to a cluster may name a directory that exists only there.
+    """
+    found = []
+    for i, step in enumerate(job.steps):
+        raw = data["steps"][i]["input"].get("path")
+        for j, path in enumerate(step.input.path or []):
+            if is_uri(path):
+                continue
+            loc = ("steps", i, "input", "path", j) if isinstance(raw, list) else ("steps", i, "input", "path")
+            if glob.has_magic(path):
+                if not glob.glob(path, recursive=True):
+                    found.append((loc, f"steps[{i}].input.path: {path} matches no files"))
+            elif not os.path.exists(path):
+                found.append((loc, f"steps[{i}].input.path: no such file or directory: {path}"))
+    return found
 
 
 def _positioned_checks(data: Any) -> list[Problem]:

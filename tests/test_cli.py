@@ -50,6 +50,18 @@ def test_readme_job_examples_are_valid(tmp_path: Path) -> None:
         assert load_job_text(block, "README.md", tmp_path).steps
 
 
+def test_missing_local_inputs_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: missing\nsteps:\n  - name: a\n    task: t2i\n    input: {path: prompts.jsonl}\n"
+                   "  - name: b\n    task: x2t_image\n    input:\n      path: [images/*.png, s3://bucket/x.png]\n")
+    for command in ("validate", "plan", "run"):
+        assert main([command, str(job)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0].startswith(f"{job}:5:19: ") and "no such file or directory" in err[0]
+        assert err[1].startswith(f"{job}:9:14: ") and "matches no files" in err[1]
+        assert len(err) == 2  # the s3:// URI is listed when the run reads it, not here
+
+
 def test_missing_job_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
