@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           progress=not args.no_progress,
                           run_id=run_id, verbose=args.verbose)
     except Exception as exc:  # the run itself broke (cluster, storage): rows are safe, say what happened
-        logging.getLogger("lance_ray").exception("run failed")
+        logging.getLogger("lance_ray").debug("run failed", exc_info=True)  # the traceback with -v
         print(f"lance-ray run: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_RUN_FAILED
     print(format_summary(summary))

@@ -278,10 +278,24 @@ def run_job(
     verbose: bool = False,
 ) -> RunSummary:
     """Plans and runs a job on Ray; returns per-step counts. Rows that failed are in the outputs with `error`."""
+    check_local_models(job)
     init_ray(address, verbose)
     plan = make_plan(job, cluster_gpu_count(), count_rows(job))
     runner = JobRunner(job, overwrite=overwrite, retry_failed=retry_failed, progress=progress, run_id=run_id)
     return runner.run(plan)
+
+
+def check_local_models(job: Job) -> None:
+    """A local checkpoint directory that is not one fails here, in the driver, before Ray starts any actor.
+
+    (Hub and s3:// sources are fetched by the actors, once per node.)
+    """
+    from lance_ray.models.lance.checkpoint import resolve_checkpoint
+
+    for family in sorted({step.family for step in job.steps}):
+        model = job.model_for(family)
+        if model.backend == "lance" and model.kind == "local":
+            resolve_checkpoint(model.source, family)
 
 
 def format_summary(summary: RunSummary) -> str:

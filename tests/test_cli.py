@@ -62,6 +62,15 @@ def test_missing_local_inputs_fail_before_any_work(tmp_path: Path, capsys: pytes
         assert len(err) == 2  # the s3:// URI is listed when the run reads it, not here
 
 
+def test_missing_checkpoint_directory_fails_before_ray_starts(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: nomodel\nmodels: {image: {source: ./no/such/checkpoint}}\n"
+                   "steps:\n  - {name: a, task: t2i, input: {rows: [{prompt: x}]}}\n")
+    assert main(["run", str(job), "--no-progress"]) == 3
+    assert "no checkpoint directory at" in capsys.readouterr().err
+
+
 def test_missing_job_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err

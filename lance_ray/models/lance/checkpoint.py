@@ -77,6 +77,10 @@ def resolve_checkpoint(source: str, family: str, *, revision: str | None = None,
         root = _fetch_fsspec(source, family, cache, with_vae)
     elif Path(source).expanduser().is_dir():
         root = Path(source).expanduser()
+    elif source.startswith(("/", "./", "../", "~")) or source.count("/") != 1:
+        # A hub id is exactly "namespace/name"; anything else was meant as a local directory.
+        raise FileNotFoundError(f"no checkpoint directory at {source} (a local directory with Lance_3B/ or "
+                                "downloads/Lance_3B/, a Hugging Face repo id, an s3:// URI, or lance-tiny)")
     else:
         root = _fetch_hub(source, revision, family, cache, with_vae)
     return _locate(root, family, with_vae)
