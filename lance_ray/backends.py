@@ -22,7 +22,6 @@ from lance_ray.spec import ModelRef, Params
 
 TEXT_TASKS = frozenset({"x2t_image", "x2t_video"})
 IMAGE_OUTPUT_TASKS = frozenset({"t2i", "image_edit"})
-VIDEO_OUTPUT_TASKS = frozenset({"t2v", "i2v", "video_edit"})
 
 
 @dataclass

@@ -116,8 +116,9 @@ class JobRunner:
     """Runs a job's plan wave by wave; groups of a wave share the cluster when there are GPUs for all."""
 
     def __init__(self, job: Job, *, overwrite: bool = False, retry_failed: bool = False, progress: bool = True,
-                 run_id: str | None = None):
+                 run_id: str | None = None, row_counts: dict[str, int | None] | None = None):
         self.job = job
+        self.row_counts = row_counts or {}  # exact counts already taken for the plan (None: count at run time)
         self.overwrite = overwrite
         self.retry_failed = retry_failed
         self.progress = progress
@@ -168,7 +169,8 @@ class JobRunner:
                 summary.rows = len(row_ids)
                 summary.skipped = sum(1 for row_id in row_ids if row_id in committed)
             else:
-                summary.rows = source.count()
+                counted = self.row_counts.get(step.name)
+                summary.rows = source.count() if counted is None else counted
             if summary.rows > summary.skipped:  # a fully committed step starts no actor
                 datasets.append(
                     source.to_dataset(exclude_row_ids=committed).map_batches(
@@ -280,8 +282,10 @@ def run_job(
     """Plans and runs a job on Ray; returns per-step counts. Rows that failed are in the outputs with `error`."""
     check_local_models(job)
     init_ray(address, verbose)
-    plan = make_plan(job, cluster_gpu_count(), count_rows(job))
-    runner = JobRunner(job, overwrite=overwrite, retry_failed=retry_failed, progress=progress, run_id=run_id)
+    row_counts = count_rows(job)
+    plan = make_plan(job, cluster_gpu_count(), row_counts)
+    runner = JobRunner(job, overwrite=overwrite, retry_failed=retry_failed, progress=progress, run_id=run_id,
+                       row_counts=row_counts)
     return runner.run(plan)
 
 
