@@ -50,7 +50,7 @@ from .latent import latent_position_index
 from .sampler import SamplerSettings, Schedule, apply_cfg, euler_step, initial_noise
 from .sequence import GenerationLayout, Grid, build_generation
 from .tokenizer import LanceTokenizer
-from .transformer import KVCache, LanceModel, Split
+from .transformer import KVCache, LanceModel, Routing, Split
 
 if TYPE_CHECKING:
     from .vae import WanVAE
@@ -210,7 +210,8 @@ def denoise(
         query_rows[True] = [[Split(Lq, False)]] * (2 * B)
     gen_row = torch.ones(Lq, dtype=torch.bool, device=device)  # start/end tokens use the und expert
     gen_row[0] = gen_row[-1] = False
-    query_gen_mask = {False: gen_row.repeat(B), True: gen_row.repeat(2 * B)}
+    # The expert split of the query is the same every step: build it once (building it syncs with the host).
+    query_routing = {False: Routing(gen_row.repeat(B)), True: Routing(gen_row.repeat(2 * B))}
     pos_index = latent_position_index(t, h, w).to(device).repeat(B)  # [B * N_target]
     sigma_rows = torch.zeros(n_target, device=device)
 
@@ -228,7 +229,7 @@ def denoise(
             query_pos[cfg],
             query_rows[cfg],
             cache=cache,
-            gen_mask=query_gen_mask[cfg],
+            routing=query_routing[cfg],
             update_cache=False,
         )
         v_all = model.latent.velocity(hidden.view(n_query_rows, Lq, -1)[:, 1:-1])  # [rows, N_target, 48]
