@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_scaling --gpus 2 --rows 48 --out scaling.json
 
-Writes a random real-shape Lance_3B checkpoint (official layout), then runs `lance_ray.runner.run_job` with
+Writes a random real-shape Lance_3B checkpoint (official layout), then runs `lance_ray.pipeline.runner.run_job` with
 `resources.gpus` = 1 and = N on one local Ray. Steady-state throughput is counted from the output rows'
 own timestamps (first batch start to last batch end), so the one-off checkpoint load is reported apart.
 Target: N=2 gives ≥ 1.9× the rows/s of one GPU.
@@ -33,8 +33,8 @@ def steady_rows_per_s(table) -> float:
 def main() -> None:
     import ray
 
-    from lance_ray.runner import run_job
-    from lance_ray.sinks import read_step_output
+    from lance_ray.pipeline.runner import run_job
+    from lance_ray.pipeline.sinks import read_step_output
     from lance_ray.spec import load_job_text
 
     parser = argparse.ArgumentParser()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lance_ray.media import encode_video
+from lance_ray.io.media import encode_video
 
 HERE = Path(__file__).resolve().parent
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lance_ray.cli import main
-from lance_ray.runner import SUMMARY_PREFIX
-from lance_ray.sinks import committed_row_ids, read_step_output
+from lance_ray.pipeline.runner import SUMMARY_PREFIX
+from lance_ray.pipeline.sinks import committed_row_ids, read_step_output
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO / "datasets"

@@ -19,12 +19,12 @@ import pytest
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from lance_ray import media
+from lance_ray.io import media
 from lance_ray.models.lance import preprocess
 from lance_ray.models.lance.pipeline import LancePipeline
 from lance_ray.models.lance.vae import load_vae
-from lance_ray.runner import run_job
-from lance_ray.sinks import read_step_output
+from lance_ray.pipeline.runner import run_job
+from lance_ray.pipeline.sinks import read_step_output
 from lance_ray.spec import load_job_text
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -148,7 +148,7 @@ def _media_files(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
 
 
 def _displayed_size(path: Path) -> tuple[int, int]:
-    """(height, width) as a viewer shows the file, read independently of lance_ray.media."""
+    """(height, width) as a viewer shows the file, read independently of lance_ray.io.media."""
     if path.suffix == ".mp4":
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))

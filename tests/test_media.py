@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lance_ray.media import MediaError, decode_image, decode_video, encode_png, encode_video, probe_video
+from lance_ray.io.media import MediaError, decode_image, decode_video, encode_png, encode_video, probe_video
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"
 

@@ -14,9 +14,9 @@ import fsspec
 import numpy as np
 import pytest
 
-from lance_ray import media
-from lance_ray.runner import run_job
-from lance_ray.sinks import OUTPUT_SCHEMA, read_manifest, read_step_output
+from lance_ray.io import media
+from lance_ray.pipeline.runner import run_job
+from lance_ray.pipeline.sinks import OUTPUT_SCHEMA, read_manifest, read_step_output
 from lance_ray.spec import load_job_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lance_ray.planner import GPU_SECONDS_PER_ROW, format_plan, make_plan, runs_side_by_side, step_levels
+from lance_ray.pipeline.planner import (
+    GPU_SECONDS_PER_ROW,
+    format_plan,
+    make_plan,
+    runs_side_by_side,
+    step_levels,
+)
 from lance_ray.spec import load_job_text
 
 JOB = """

@@ -29,7 +29,7 @@ import yaml
 from conftest import REPO_ROOT, free_port
 
 from lance_ray.cli import main
-from lance_ray.remote import (
+from lance_ray.cluster.remote import (
     JOB_TAG,
     RemoteCluster,
     RunInfo,
@@ -37,8 +37,8 @@ from lance_ray.remote import (
     exit_code_for,
     stage_job,
 )
-from lance_ray.sinks import read_step_output
-from lance_ray.sources import open_source
+from lance_ray.pipeline.sinks import read_step_output
+from lance_ray.pipeline.sources import open_source
 from lance_ray.spec import load_job
 
 SAMPLE_IMAGES = REPO_ROOT / "datasets" / "images"
@@ -334,7 +334,7 @@ def test_status_logs_stop_on_a_long_running_job(jobs_head, capsys):
 def test_scheduler_submits_a_real_run(jobs_head, tmp_path):
     from fake_clock import FakeClock
 
-    from lance_ray.schedule import RunHistory, Scheduler, load_scheduled_jobs, submission_id_for
+    from lance_ray.cluster.schedule import RunHistory, Scheduler, load_scheduled_jobs, submission_id_for
 
     job = write_caption_job(tmp_path, schedule='{cron: "0 2 * * *", timezone: "America/Los_Angeles"}')
     scheduled_for = datetime(2026, 1, 1, 10, tzinfo=timezone.utc)  # 02:00 in Los Angeles (UTC-8)

@@ -22,8 +22,8 @@ from croniter import croniter
 from fake_clock import FakeClock
 
 from lance_ray.cli import main
-from lance_ray.remote import ClusterUnreachable, RunInfo, SubmitOptions
-from lance_ray.schedule import (
+from lance_ray.cluster.remote import ClusterUnreachable, RunInfo, SubmitOptions
+from lance_ray.cluster.schedule import (
     QUEUED,
     RunHistory,
     ScheduledJob,
@@ -370,8 +370,8 @@ def test_history_rows_and_cursor_commit_together(tmp_path):
 
 def test_fixed_output_path_makes_the_next_run_process_only_new_files(ray_local, tmp_path):
     """Day 1 captions N images; M new ones arrive; day 2 (same job, same output) processes exactly M."""
-    from lance_ray.runner import run_job
-    from lance_ray.sinks import read_step_output
+    from lance_ray.pipeline.runner import run_job
+    from lance_ray.pipeline.sinks import read_step_output
     from lance_ray.spec import load_job
 
     samples = sorted((Path(__file__).resolve().parents[1] / "datasets" / "images").iterdir())

@@ -11,8 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lance_ray import __version__, sinks, storage
-from lance_ray.sinks import (
+from lance_ray import __version__
+from lance_ray.io import storage
+from lance_ray.pipeline import sinks
+from lance_ray.pipeline.sinks import (
     OUTPUT_SCHEMA,
     committed_row_ids,
     part_name,

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lance_ray import storage
-from lance_ray.media import decode_image
-from lance_ray.sinks import write_part
-from lance_ray.sources import CANONICAL_SCHEMA, SourceError, media_row_id, open_source
+from lance_ray.io import storage
+from lance_ray.io.media import decode_image
+from lance_ray.pipeline.sinks import write_part
+from lance_ray.pipeline.sources import CANONICAL_SCHEMA, SourceError, media_row_id, open_source
 from lance_ray.spec import Job
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"

@@ -81,7 +81,7 @@ def _escape(value: str) -> str:
 
 def _local_input_files(job) -> dict[int, list[Path]]:
     """Per step index: the local files its `input.path` reads, including media that tables name."""
-    from lance_ray.sources import expand_paths, open_source
+    from lance_ray.pipeline.sources import expand_paths, open_source
     from lance_ray.spec import INPUT_MEDIA, is_uri
 
     found: dict[int, list[Path]] = {}
@@ -265,7 +265,7 @@ class RunInfo:
 
 def parse_summary(logs: str) -> dict | None:
     """The runner's final summary (the last `LANCE_RAY_SUMMARY {json}` line of a run's logs)."""
-    from lance_ray.runner import SUMMARY_PREFIX
+    from lance_ray.pipeline.runner import SUMMARY_PREFIX
 
     for line in reversed(logs.splitlines()):
         if line.startswith(SUMMARY_PREFIX):

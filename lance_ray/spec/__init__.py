@@ -44,7 +44,7 @@ from pydantic import (
     model_validator,
 )
 
-from lance_ray.yaml_positions import PositionMap, load_yaml
+from lance_ray.spec.yaml_positions import PositionMap, load_yaml
 
 # ---------------------------------------------------------------------------------------------
 # Tasks, families, presets

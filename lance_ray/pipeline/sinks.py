@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lance_ray import __version__
-from lance_ray.storage import filesystem_for, join_uri, safe_token, write_bytes_atomic
+from lance_ray.io.storage import filesystem_for, join_uri, safe_token, write_bytes_atomic
 
 MANIFEST_NAME = "_manifest.json"
 MEDIA_DIR = "media"

@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from lance_ray.remote import ClusterUnreachable, RemoteError, RunInfo, SubmitOptions
+from lance_ray.cluster.remote import ClusterUnreachable, RemoteError, RunInfo, SubmitOptions
 from lance_ray.spec import ScheduleSpec
 
 log = logging.getLogger(__name__)
@@ -487,7 +487,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from filelock import FileLock, Timeout
 
     from lance_ray.cli import EXIT_BAD_JOB, EXIT_OK, EXIT_RUN_FAILED
-    from lance_ray.remote import RemoteCluster, submit_options_from_args
+    from lance_ray.cluster.remote import RemoteCluster, submit_options_from_args
     from lance_ray.spec import JobSpecError
 
     try:
@@ -546,7 +546,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def add_schedule_command(subparsers: argparse._SubParsersAction) -> None:
-    from lance_ray.remote import add_submit_options
+    from lance_ray.cluster.remote import add_submit_options
 
     p = subparsers.add_parser(
         "schedule",

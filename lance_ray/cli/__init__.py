@@ -50,8 +50,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lance_ray.planner import format_plan, make_plan
-    from lance_ray.runner import count_rows
+    from lance_ray.pipeline.planner import format_plan, make_plan
+    from lance_ray.pipeline.runner import count_rows
 
     job = _load(args.job)
     if job is None:
@@ -62,7 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lance_ray.runner import SUMMARY_PREFIX, format_summary, new_run_id, run_job
+    from lance_ray.pipeline.runner import SUMMARY_PREFIX, format_summary, new_run_id, run_job
 
     job = _load(args.job)
     if job is None:
@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", choices=["small", "full", "none"], default="small")
     p.set_defaults(func=cmd_tiny)
 
-    from lance_ray.remote import add_remote_commands
-    from lance_ray.schedule import add_schedule_command
+    from lance_ray.cluster.remote import add_remote_commands
+    from lance_ray.cluster.schedule import add_schedule_command
 
     add_remote_commands(sub)
     add_schedule_command(sub)

@@ -20,10 +20,11 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from lance_ray import sinks, sources, storage
-from lance_ray.planner import Group, Plan, make_plan, runs_side_by_side
+from lance_ray.io import storage
+from lance_ray.pipeline import sinks, sources
+from lance_ray.pipeline.planner import Group, Plan, make_plan, runs_side_by_side
+from lance_ray.pipeline.worker import CANONICAL_FIELDS, LanceWorker, StepContext, finish_rows, prepare_rows
 from lance_ray.spec import Job, Step
-from lance_ray.worker import CANONICAL_FIELDS, LanceWorker, StepContext, finish_rows, prepare_rows
 
 log = logging.getLogger(__name__)
 CANONICAL_SCHEMA = pa.schema(CANONICAL_FIELDS)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from lance_ray.io.storage import filesystem_for
 from lance_ray.models.lance.preprocess import image_to_rgb
-from lance_ray.storage import filesystem_for
 
 if TYPE_CHECKING:  # PyAV is imported where videos are handled: image-only work runs without it
     import av

@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 import ray.data
 from jinja2 import TemplateError
 
-from lance_ray.sinks import read_step_output
+from lance_ray.io.storage import filesystem_for, is_local, join_uri, safe_token, sanitize, short_hash, to_uri
+from lance_ray.pipeline.sinks import read_step_output
 from lance_ray.spec import (
     INPUT_MEDIA,
     PROMPT_COLUMNS,
@@ -48,7 +49,6 @@ from lance_ray.spec import (
     Step,
     compile_prompt_template,
 )
-from lance_ray.storage import filesystem_for, is_local, join_uri, safe_token, sanitize, short_hash, to_uri
 
 CANONICAL_SCHEMA = pa.schema(
     [
@@ -297,7 +297,7 @@ class StepSource:
     def _upstream_rows(self) -> Iterator[tuple[str, dict, None]]:
         """Committed, error-free rows of the upstream step. Its result becomes this step's `image` /
         `video`; the upstream's input media, copied into its output rows, stay in the other column."""
-        from lance_ray.worker import output_kind  # the worker owns what each task produces
+        from lance_ray.pipeline.worker import output_kind  # the worker owns what each task produces
 
         kind = output_kind(self.upstream_task)
         table = read_step_output(self.upstream_uri).drop_columns(["input_row"])

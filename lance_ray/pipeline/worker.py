@@ -23,8 +23,9 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from lance_ray import media, sinks, storage
-from lance_ray.backends import IMAGE_OUTPUT_TASKS, TEXT_TASKS, TaskInput, TaskOutput, load_backend
+from lance_ray.io import media, storage
+from lance_ray.pipeline import sinks
+from lance_ray.pipeline.backends import IMAGE_OUTPUT_TASKS, TEXT_TASKS, TaskInput, TaskOutput, load_backend
 from lance_ray.spec import INPUT_MEDIA, PROMPT_OPTIONAL_TASKS, ModelRef, Params
 
 SHAPE = pa.list_(pa.int32())

@@ -1,0 +1,3 @@
+from lance_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Remote Ray clusters: job submission through the Jobs API, and cron schedules."""

@@ -1,0 +1,1 @@
+"""The Ray Data pipeline: planner and runner over sources, the worker stages and sinks."""

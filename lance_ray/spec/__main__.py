@@ -1,0 +1,3 @@
+from lance_ray.spec import main
+
+raise SystemExit(main())
