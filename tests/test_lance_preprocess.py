@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lance_ray.models.lance import preprocess as P
+from lance_ray.models.lance import presets
 
 INPUTS = Path(__file__).parent / "fixtures" / "golden" / "inputs"
 
@@ -62,11 +63,11 @@ BUCKETS = {
 @pytest.mark.parametrize("res", sorted(BUCKETS))
 def test_bucket_tables(res: int) -> None:
     expected = tuple(tuple(int(v) for v in hw.split("x")) for hw in BUCKETS[res].split())
-    assert P.buckets(res) == expected
+    assert presets.buckets(res) == expected
 
 
 def test_presets() -> None:
-    areas = {name: (p.vae_res, p.vit_res) for name, p in P.PRESETS.items()}
+    areas = {name: (p.vae_res, p.vit_res) for name, p in presets.PRESETS.items()}
     assert areas == {
         "image_256res": (256, 224),
         "video_192p": (256, 224),

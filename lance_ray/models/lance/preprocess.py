@@ -21,8 +21,7 @@ randomness in the official code either.
 
 API (uint8 arrays are ``[T, H, W, 3]`` RGB; an ``[H, W, 3]`` image is accepted as one frame)::
 
-    PRESETS[name] -> Preset(name, vae_res, vit_res)           # image_256res ... video_480p
-    buckets(res) -> [(h, w), ...]                              # 21:9, 16:9, 4:3, 1:1, 3:4, 9:16
+    (presets and buckets: presets.py)
     bucket_size(height, width, preset, stream) -> (h, w)       # bucket chosen for an input size
     stream_size(height, width, preset, stream) -> (h, w)       # final size (after the divisible crop)
     resize_to_bucket(frames, preset, stream) -> uint8 [T, h, w, 3]   # steps 1-3
@@ -37,45 +36,13 @@ API (uint8 arrays are ``[T, H, W, 3]`` RGB; an ``[H, W, 3]`` image is accepted a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cache
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-Stream = Literal["vae", "vit"]
+from .presets import Preset, Stream, buckets, get_preset
 
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    vae_res: int  # VAE-stream buckets have area vae_res**2
-    vit_res: int  # ViT-stream buckets have area vit_res**2
-
-    def res(self, stream: Stream) -> int:
-        if stream == "vae":
-            return self.vae_res
-        if stream == "vit":
-            return self.vit_res
-        raise ValueError(f"unknown stream {stream!r} (expected 'vae' or 'vit')")
-
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("image_256res", 256, 224),
-        Preset("video_192p", 256, 224),
-        Preset("image_512res", 512, 448),
-        Preset("image_768res", 768, 672),
-        Preset("video_360p", 480, 476),
-        Preset("video_480p", 640, 616),
-    )
-}
-
-ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")  # "w:h", in the official order
-BUCKET_STRIDE = 16
 DIVISOR = {"vae": 16, "vit": 28}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,49 +58,11 @@ MAX_DURATION_S = 6.0
 FALLBACK_FPS = 24  # used by the official sampler when the container reports no frame rate
 
 
-def _preset(preset: str | Preset) -> Preset:
-    if isinstance(preset, Preset):
-        return preset
-    try:
-        return PRESETS[preset]
-    except KeyError:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# Buckets
-# --------------------------------------------------------------------------------------------------
-def _bucket_for_ratio(w_over_h: float, area: int, stride: int) -> tuple[int, int]:
-    """(h, w) multiple of `stride`, area close to `area`, ratio as close as possible to `w_over_h`.
-
-    Two candidates: fix the width from the area first, or the height first; keep the one with the
-    closer ratio, ties broken by the closer area (the width-first one on a full tie).  Python's
-    round-half-to-even is part of the recipe."""
-    w1 = round(math.sqrt(area * w_over_h) / stride) * stride
-    h1 = round(w1 / w_over_h / stride) * stride
-    h2 = round(math.sqrt(area / w_over_h) / stride) * stride
-    w2 = round(h2 * w_over_h / stride) * stride
-    err1, err2 = abs(w1 / h1 - w_over_h), abs(w2 / h2 - w_over_h)
-    if err1 < err2 or (err1 == err2 and abs(w1 * h1 - area) <= abs(w2 * h2 - area)):
-        return h1, w1
-    return h2, w2
-
-
-@cache
-def buckets(res: int) -> tuple[tuple[int, int], ...]:
-    """The (h, w) buckets of area res**2 for ASPECT_RATIOS, in that order."""
-    out = []
-    for name in ASPECT_RATIOS:
-        w, h = (int(v) for v in name.split(":"))
-        out.append(_bucket_for_ratio(w / h, res * res, BUCKET_STRIDE))
-    return tuple(out)
-
-
 def bucket_size(height: int, width: int, preset: str | Preset, stream: Stream) -> tuple[int, int]:
     """The bucket (h, w) an input of this size is resized to (before the divisible crop)."""
     ratio = width / height
     best, best_err = None, math.inf
-    for h, w in buckets(_preset(preset).res(stream)):
+    for h, w in buckets(get_preset(preset).res(stream)):
         err = abs(ratio - w / h)
         if err < best_err:  # strict: the first of equally close buckets wins
             best, best_err = (h, w), err

@@ -1,0 +1,43 @@
+"""What the model takes besides prompts, media and seeds: one frozen settings object per kind of task.
+
+These are plain values, importable without torch. They carry no defaults and do no validation: the
+task registry (`lance_ray.spec.tasks`) owns every default and builds them from parameters the job
+spec (or the Python API, through the same spec) has already validated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Denoising: flow-matching schedule and classifier-free guidance, shared by a batch."""
+
+    steps: int
+    shift: float  # timestep shift s of sigma = s*t / (1 + (s - 1)*t)
+    cfg_scale: float  # <= 1 disables the unconditional branch
+    cfg_interval: tuple[float, float]  # CFG on steps with low < sigma <= high
+    cfg_renorm_min: float  # lower clamp of the global CFG renormalisation
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """t2i / t2v / i2v / image_edit / video_edit."""
+
+    sampler: SamplerSettings
+    preset: str  # how conditioning media are resized (edits, i2v)
+    height: int | None = None  # t2i / t2v output size; other tasks follow their input's bucket
+    width: int | None = None
+    frames: int | None = None  # t2v / i2v output frames; None for images and edits
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """x2t_image / x2t_video: greedy (temperature 0) or nucleus sampling."""
+
+    preset: str  # how the input media are resized for the ViT
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    system_prompt: str | None  # None: the official default caption instruction
