@@ -11,8 +11,9 @@ import pytest
 
 from lance_ray.io import media
 from lance_ray.pipeline.runner import SUMMARY_PREFIX, run_job
-from lance_ray.pipeline.sinks import OUTPUT_SCHEMA, read_manifest, read_step_output
+from lance_ray.pipeline.sinks import read_manifest, read_step_output
 from lance_ray.spec import load_job_text
+from lance_ray.spec.rows import OUTPUT_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO / "datasets"

@@ -22,9 +22,17 @@ from safetensors.torch import load_file
 from lance_ray.models.lance import generate, preprocess
 from lance_ray.models.lance.generate import GenerationInput, StepInfo, denoise, generate_media, media_rows
 from lance_ray.models.lance.pipeline import LancePipeline
-from lance_ray.models.lance.sampler import SamplerSettings, cfg_steps
+from lance_ray.models.lance.sampler import cfg_steps
+from lance_ray.models.lance.settings import SamplerSettings
+from lance_ray.models.lance.tasks import TASKS as TASK_SPECS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "golden"
+
+
+def _sampler(**params) -> SamplerSettings:
+    return TASK_SPECS["t2i"].settings_for(**params).sampler
+
+
 GOLDEN = FIXTURES / "fp32_kv"
 TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit"]
 
@@ -110,7 +118,7 @@ def test_denoising_matches_official(task: str, models, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(model.llm, "forward", recording_forward)
     rec = _Recorder(g["x_t_trajectory_steps"].tolist())
-    latents = denoise(model, tok, task, [_golden_input(task)], SamplerSettings(), on_step=rec)
+    latents = denoise(model, tok, task, [_golden_input(task)], _sampler(), on_step=rec)
 
     # Position ids fed to the model: prefill (cond row, then uncond row) + the first step's two queries.
     (prefill_pos, prefill_rows), (query_pos, query_rows) = calls[0], calls[1]
@@ -146,7 +154,7 @@ def test_bfloat16_matches_the_official_bfloat16_run(tiny_ckpt: Path) -> None:
     golden = load_file(FIXTURES / "bf16_kv" / "t2i" / "generation.safetensors")
     pipe = LancePipeline.from_pretrained(str(tiny_ckpt), family="image", device="cpu", dtype="bfloat16")
     seen: list[StepInfo] = []
-    latents = denoise(pipe.model, pipe.tokenizer, "t2i", [_golden_input("t2i")], SamplerSettings(),
+    latents = denoise(pipe.model, pipe.tokenizer, "t2i", [_golden_input("t2i")], _sampler(),
                       on_step=lambda s: seen.append(s) if s.step == 0 else None)
     assert latents.dtype == torch.bfloat16
 
@@ -172,7 +180,7 @@ def test_batch_neighbours_do_not_change_a_sample(task: str, models) -> None:
         "image_edit": ["Make it night."],
     }[task]
     batch = [_golden_input(task)] + [_golden_input(task, p, seed=7 + i) for i, p in enumerate(others)]
-    settings = SamplerSettings(steps=8)
+    settings = _sampler(steps=8)
     assert len(set(cfg_steps(settings))) == 2
     together = denoise(model, tok, task, batch, settings)
     for b, inp in enumerate(batch):
@@ -185,7 +193,7 @@ def test_cfg_scale_one_runs_the_conditional_branch_only(models) -> None:
     g, meta = _golden("t2i")
     model, tok = models["image"]
     seen: list[StepInfo] = []
-    settings = SamplerSettings(steps=3, cfg_scale=1.0)
+    settings = _sampler(steps=3, cfg_scale=1.0)
     latents = denoise(model, tok, "t2i", [_golden_input("t2i")], settings, on_step=lambda s: seen.append(s))
     assert [s.v_uncond for s in seen] == [None] * 3
     assert all(s.v is s.v_cond for s in seen)
@@ -196,7 +204,7 @@ def test_cfg_scale_one_runs_the_conditional_branch_only(models) -> None:
 
 def test_input_validation(models) -> None:
     model, tok = models["image"]
-    settings = SamplerSettings(steps=1)
+    settings = _sampler(steps=1)
     with pytest.raises(ValueError, match="one target shape"):
         denoise(model, tok, "t2i", [GenerationInput("a", (1, 4, 6), 0), GenerationInput("b", (1, 4, 4), 0)],
                 settings)
@@ -259,7 +267,7 @@ def test_pipeline_edit_conditions(task: str, pipes, monkeypatch: pytest.MonkeyPa
     other = square[0] if task == "image_edit" else np.repeat(square, 5, axis=0)
     seen = _spy_on_denoise(monkeypatch)
     rows = media_rows([source, other], ["Make it red.", "Make it blue."], meta["resolution"], [42, 5])
-    latents = generate_media(pipe.model, pipe.tokenizer, pipe.vae, task, rows, SamplerSettings(steps=1),
+    latents = generate_media(pipe.model, pipe.tokenizer, pipe.vae, task, rows, _sampler(steps=1),
                              preset=meta["resolution"], max_batch_size=1, return_latents=True)
     t = 1 if task == "image_edit" else 2
     assert [tuple(z.shape) for z in latents] == [(t, 14, 19, 48), (t, 16, 16, 48)]  # row order kept
@@ -277,7 +285,7 @@ def test_pipeline_i2v_keeps_the_image_latent(pipes, monkeypatch: pytest.MonkeyPa
     image, _ = _golden_media()
     seen = _spy_on_denoise(monkeypatch)
     rows = media_rows([image], ["The yellow disc rolls to the right."], "video_192p", [42], frames=5)
-    (latent,) = generate_media(pipe.model, pipe.tokenizer, pipe.vae, "i2v", rows, SamplerSettings(steps=2),
+    (latent,) = generate_media(pipe.model, pipe.tokenizer, pipe.vae, "i2v", rows, _sampler(steps=2),
                                preset="video_192p", return_latents=True)
     expected = _posterior_sample(pipe, image[None], 42)  # [1, 14, 19, 48]
     assert seen[0][0].target == (2, 14, 19)

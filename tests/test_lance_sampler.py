@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lance_ray.models.lance.params import Params
 from lance_ray.models.lance.sampler import (
-    SamplerSettings,
     Schedule,
     apply_cfg,
     cfg_steps,
@@ -27,9 +27,16 @@ from lance_ray.models.lance.sampler import (
     renorm_scale,
     schedule_sigmas,
 )
+from lance_ray.models.lance.settings import SamplerSettings
+from lance_ray.models.lance.tasks import TASKS as TASK_SPECS
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "fp32_kv"
 TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit"]
+
+
+def _sampler(**params) -> SamplerSettings:
+    """Denoising settings as a job step or LancePipeline gets them: the task defaults, `params` over them."""
+    return TASK_SPECS["t2i"].settings_for(**params).sampler
 
 
 def _golden(task: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -51,7 +58,7 @@ def _settings(meta: dict) -> SamplerSettings:
 
 def test_defaults_are_the_reference_defaults() -> None:
     _, meta = _golden("t2i")  # the goldens ran with the reference's defaults
-    assert _settings(meta) == SamplerSettings()
+    assert _settings(meta) == _sampler()
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -134,26 +141,31 @@ def test_first_euler_step_reproduces_the_trajectory(task: str) -> None:
 
 def test_scale_at_most_one_means_no_unconditional_branch() -> None:
     for scale in (1.0, 0.5):
-        settings = SamplerSettings(cfg_scale=scale)
-        assert not settings.uses_cfg
+        settings = _sampler(cfg_scale=scale)
+        assert not any(cfg_steps(settings))
         assert cfg_steps(settings) == [False] * settings.steps
-    assert SamplerSettings().uses_cfg
+    assert any(cfg_steps(_sampler()))
     # An interval that no σ falls into also needs no unconditional branch.
-    assert not SamplerSettings(cfg_interval=(0.999, 0.9995)).uses_cfg
+    assert not any(cfg_steps(_sampler(cfg_interval=(0.999, 0.9995))))
 
 
 def test_cfg_interval_bounds_are_lower_exclusive_upper_inclusive() -> None:
-    settings = SamplerSettings(steps=4, shift=1.0, cfg_interval=(0.5, 0.75))  # σ = 1, .75, .5, .25
+    settings = _sampler(steps=4, shift=1.0, cfg_interval=(0.5, 0.75))  # σ = 1, .75, .5, .25
     assert cfg_steps(settings) == [False, True, False, False]
 
 
 def test_settings_validation() -> None:
+    # Values are checked once, by Params, on the way in (job file or Python call), never again.
     with pytest.raises(ValueError, match="steps"):
-        SamplerSettings(steps=0)
+        _sampler(steps=0)
     with pytest.raises(ValueError, match="shift"):
-        SamplerSettings(shift=0.0)
+        _sampler(shift=0.0)
     with pytest.raises(ValueError, match="cfg_interval"):
-        SamplerSettings(cfg_interval=(0.8, 0.2))
-    assert SamplerSettings(cfg_interval=[0.4, 1.0]) == SamplerSettings()  # type: ignore[arg-type]
+        _sampler(cfg_interval=(0.8, 0.2))
+    with pytest.raises(ValueError, match="finite"):
+        Params(cfg_scale=float("inf"))
+    with pytest.raises(TypeError, match="does not read frames"):
+        _sampler(frames=5)
+    assert _sampler(cfg_interval=[0.4, 1.0]) == _sampler(cfg_interval=(0.4, 1.0)) == _sampler()
     with pytest.raises(ValueError, match="keep_last"):
         initial_noise(42, 4, keep_last=5)

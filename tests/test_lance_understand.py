@@ -18,6 +18,11 @@ from lance_ray.models.lance.sequence import build_understanding
 from lance_ray.models.lance.understand import generate_text, prompt_embeddings
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+def _greedy(max_new_tokens: int, batch: int = 1) -> dict:
+    """Decoding arguments of the official default: greedy, seeds unused."""
+    return {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "seeds": [0] * batch}
+
+
 CASES = {"x2t_image": ("image", "image_256res"), "x2t_video": ("video", "video_192p")}
 
 
@@ -67,7 +72,7 @@ def test_intermediates_match_official(pipes, task: str) -> None:
         emb = prompt_embeddings(pipe.model, layout, [vit])
     torch.testing.assert_close(emb[:-1], g["prefill_query_embeds"], atol=1e-4, rtol=1e-4)
     res = generate_text(pipe.model, [layout], [[vit]], eos_id=pipe.tokenizer.special.im_end,
-                        vocab_limit=len(pipe.tokenizer), max_new_tokens=24)
+                        vocab_limit=len(pipe.tokenizer), **_greedy(24))
     assert res.ids[0] == g["generated_ids"].tolist()
     ids = g["logits_step0_top100_ids"]
     torch.testing.assert_close(res.first_logits[0, ids], g["logits_step0_top100_values"], atol=1e-3, rtol=0)
@@ -116,7 +121,7 @@ def test_each_sample_stops_at_its_own_eos(pipes) -> None:
     short = build_understanding(pipe.tokenizer, question, [(t, h // 2, w // 2)], system_prompt=system)
     other = build_understanding(pipe.tokenizer, "Something else entirely?", [(t, h // 2, w // 2)])
     res = generate_text(pipe.model, [short, other], [[vit], [vit]], eos_id=stop, vocab_limit=len(pipe.tokenizer),
-                        max_new_tokens=12)
+                        **_greedy(12, batch=2))
     assert res.ids[0] == official[:4]
     assert len(res.ids[1]) == 12 or res.ids[1][-1] == stop
 
@@ -133,6 +138,6 @@ def test_bfloat16_is_close_to_official_bf16(tiny_ckpt: Path, task: str) -> None:
     assert cos > 0.999
     layout = build_understanding(pipe.tokenizer, question, [(t, h // 2, w // 2)], system_prompt=system)
     res = generate_text(pipe.model, [layout], [[vit]], eos_id=pipe.tokenizer.special.im_end,
-                        vocab_limit=len(pipe.tokenizer), max_new_tokens=3)
+                        vocab_limit=len(pipe.tokenizer), **_greedy(3))
     # bf16 rounding differs from the reference's bf16 flow; the first tokens still agree.
     assert res.ids[0] == g["generated_ids"][:3].tolist()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lance_ray.models.lance.tasks import TASKS
 from lance_ray.pipeline.planner import (
-    GPU_SECONDS_PER_ROW,
     format_plan,
     make_plan,
     runs_side_by_side,
@@ -48,8 +48,21 @@ def test_groups_by_family_and_rows_flow_down_chains(tmp_path: Path) -> None:
     assert not runs_side_by_side(plan.waves[0], 4)
     # Rows of a step fed by another step are estimated from its upstream.
     assert plan.waves[2].groups[0].steps[0].rows == 200
-    expected = 200 * GPU_SECONDS_PER_ROW["t2i"] + 50 * GPU_SECONDS_PER_ROW["x2t_image"]
-    assert wave0["image"].estimated_gpu_s == expected
+    t2i, x2t = TASKS["t2i"].cost, TASKS["x2t_image"].cost
+    # defaults: t2i at its reference shape; captions of 256 tokens, twice the 128 the cost was measured at
+    expected = 200 * t2i.seconds + 50 * x2t.seconds * 2
+    assert abs(wave0["image"].estimated_gpu_s - expected) < 1e-9
+
+
+def test_cost_scales_with_steps_and_size(tmp_path: Path) -> None:
+    job = load_job_text(
+        "name: c\nsteps:\n"
+        "  - {name: big, task: t2i, input: {rows: [{prompt: a}]}}\n"
+        "  - {name: small, task: t2i, input: {rows: [{prompt: a}]}, params: {steps: 10, height: 384, width: 384}}\n",
+        "c.yaml", tmp_path)
+    plan = make_plan(job, cluster_gpus=1, row_counts={"big": 1, "small": 1})
+    big, small = plan.waves[0].groups[0].steps
+    assert abs(small.estimated_gpu_s - big.estimated_gpu_s / 3 / 4) < 1e-9
 
 
 def test_cpu_plan_uses_one_actor_and_never_more_actors_than_batches(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from lance_ray import __version__
 from lance_ray.io import storage
 from lance_ray.pipeline import sinks
 from lance_ray.pipeline.sinks import (
-    OUTPUT_SCHEMA,
     committed_row_ids,
     part_name,
     read_manifest,
@@ -25,6 +24,7 @@ from lance_ray.pipeline.sinks import (
     write_media,
     write_part,
 )
+from lance_ray.spec.rows import OUTPUT_SCHEMA
 
 
 def out_row(row_id: str, **extra) -> dict:

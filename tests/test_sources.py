@@ -16,8 +16,9 @@ import pytest
 from lance_ray.io import storage
 from lance_ray.io.media import decode_image
 from lance_ray.pipeline.sinks import write_part
-from lance_ray.pipeline.sources import CANONICAL_SCHEMA, SourceError, media_row_id, open_source
+from lance_ray.pipeline.sources import SourceError, media_row_id, open_source
 from lance_ray.spec import Job
+from lance_ray.spec.rows import SOURCE_SCHEMA
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"
 
@@ -48,7 +49,7 @@ def test_prompts_jsonl_with_mapped_ids_and_seeds():
     rows = rows_of(job)
     source_lines = [json.loads(line) for line in (DATASETS / "prompts.jsonl").read_text().splitlines()]
     assert [r["row_id"] for r in rows] == [s["id"] for s in source_lines]
-    assert [r["seed"] for r in rows] == [s["seed"] for s in source_lines]
+    assert [r["seed_override"] for r in rows] == [s["seed"] for s in source_lines]
     assert [r["prompt"] for r in rows] == [s["prompt"] for s in source_lines]
     assert all(r.get("error") is None and r.get("image") is None for r in rows)
     assert json.loads(rows[0]["input_row"]) == source_lines[0]
@@ -142,7 +143,7 @@ def test_parquet_input_and_limit(tmp_path):
     )
     source = open_source(job.steps[0], job)
     rows = list(source.iter_rows())
-    assert [(r["row_id"], r["prompt"], r["seed"]) for r in rows] == [
+    assert [(r["row_id"], r["prompt"], r["seed_override"]) for r in rows] == [
         ("data-0", "a cat", 1),
         ("data-1", "a dog", 2),
     ]
@@ -162,7 +163,7 @@ def test_inline_rows_and_templates(tmp_path):
         },
     )
     rows = rows_of(job)
-    assert [(r["row_id"], r["prompt"], r.get("seed")) for r in rows] == [
+    assert [(r["row_id"], r["prompt"], r.get("seed_override")) for r in rows] == [
         ("row-0", "A photo of a cat.", None),
         ("row-1", "A photo of a dog.", 5),
     ]
@@ -190,7 +191,7 @@ def test_unusable_rows_become_error_rows(tmp_path):
     )
     rows = {r["row_id"]: r for r in rows_of(job)}
     assert list(rows) == ["ok", "no-subject", "bad-seed", "no-seed", "p-4", "p-5"]
-    assert rows["ok"].get("error") is None and (rows["ok"]["prompt"], rows["ok"]["seed"]) == ("cat", 3)
+    assert rows["ok"].get("error") is None and (rows["ok"]["prompt"], rows["ok"]["seed_override"]) == ("cat", 3)
     assert "'subject' is undefined" in rows["no-subject"]["error"]
     assert "not an integer" in rows["bad-seed"]["error"]
     assert "'s'" in rows["no-seed"]["error"]
@@ -279,11 +280,11 @@ def test_from_step_reads_committed_ok_rows(tmp_path):
     ])  # fmt: skip
     edit = rows_of(job, "edit")
     assert [(r["row_id"], r["image"], r["prompt"]) for r in edit] == [("r1", "/m/r1.png", "Make it blue.")]
-    assert edit[0].get("seed") is None  # the upstream's seed is not this step's per-row seed
+    assert edit[0].get("seed_override") is None  # the upstream's seed is not this step's per-row seed
     bare = rows_of(job, "bare")  # nor is its prompt this step's instruction
-    assert "non-empty prompt" in bare[0]["error"]
+    assert "non-empty instruction" in bare[0]["error"]
     reuse = rows_of(job, "reuse")
-    assert (reuse[0]["prompt"], reuse[0]["seed"], reuse[0].get("error")) == ("a cat", 11, None)
+    assert (reuse[0]["prompt"], reuse[0]["seed_override"], reuse[0].get("error")) == ("a cat", 11, None)
 
     edit_out = str(tmp_path / "elsewhere")  # `upstream` overrides the configured output path
     write_part(edit_out, [{"row_id": "r1", "step": "edit", "task": "image_edit", "prompt": "Make it blue.",
@@ -324,9 +325,9 @@ def test_to_dataset_streams_arrow_blocks_and_excludes_committed(tmp_path, ray_lo
     blocks = ray.get(source.to_dataset(exclude_row_ids=skip).to_arrow_refs())
     assert len(blocks) > 1  # several blocks, so the CPU stages spread over tasks
     table = pa.concat_tables(blocks)
-    assert table.schema.equals(CANONICAL_SCHEMA)
+    assert table.schema.equals(SOURCE_SCHEMA)
     want = [
-        {name: r.get(name) for name in CANONICAL_SCHEMA.names}
+        {name: r.get(name) for name in SOURCE_SCHEMA.names}
         for r in source.iter_rows()
         if r["row_id"] not in skip
     ]

@@ -17,20 +17,19 @@ import yaml
 from pydantic import ValidationError
 
 from lance_ray import spec
+from lance_ray.models.lance.presets import PRESETS
 from lance_ray.spec import (
     DEFAULT_MODEL_SOURCE,
-    PRESETS,
-    TASK_FAMILY,
     TASKS,
     Job,
     JobSpecError,
     SpecProblem,
     compile_prompt_template,
-    job_json_schema,
     load_job,
     load_job_text,
     prompt_template_columns,
 )
+from lance_ray.spec.schema import job_json_schema
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_JOBS = sorted((Path(__file__).parent / "bad_jobs").glob("*.yaml"))
@@ -310,11 +309,12 @@ def test_model_source_kinds(source: str, kind: str, resolved: str) -> None:
     assert (job.models.image.kind, job.models.image.source) == (kind, resolved)
 
 
-def test_task_constants_agree() -> None:
-    assert set(TASKS) == set(TASK_FAMILY)
-    assert sorted(TASK_FAMILY.values()) == ["image"] * 3 + ["video"] * 4
-    assert set(PRESETS) == {"image", "video"}
-    assert set(spec.PRESET_SIZE) == set(PRESETS["image"]) | set(PRESETS["video"])
+def test_task_registry_agrees_with_presets() -> None:
+    assert sorted(t.family for t in TASKS.values()) == ["image"] * 3 + ["video"] * 4
+    for task in TASKS.values():
+        assert PRESETS[task.defaults["preset"]].family == task.family
+        assert task.output != "text" or not task.prompt_required  # a caption needs no question
+    assert {p.family for p in PRESETS.values()} == {"image", "video"}
 
 
 def test_params_for_applies_reference_defaults_per_task() -> None:
@@ -430,16 +430,17 @@ def test_template_over_inline_rows_is_checked() -> None:
 # Generated schema and the field reference
 
 
-def test_committed_schema_is_current() -> None:
+def test_committed_schema_and_tables_are_current() -> None:
     committed = json.loads((REPO / "specs" / "job.schema.json").read_text())
-    assert committed == job_json_schema(), (
-        "regenerate: python -m lance_ray.spec --schema > specs/job.schema.json"
-    )
+    assert committed == job_json_schema(), "regenerate: python -m lance_ray.spec.schema --write"
+    out = subprocess.run([sys.executable, "-m", "lance_ray.spec.schema", "--check"], capture_output=True,
+                         text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
 
 
 def test_schema_command_prints_the_schema() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "lance_ray.spec", "--schema"],
+        [sys.executable, "-m", "lance_ray.spec.schema", "--print"],
         capture_output=True,
         text=True,
         check=True,

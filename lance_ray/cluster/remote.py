@@ -82,7 +82,7 @@ def _escape(value: str) -> str:
 def _local_input_files(job) -> dict[int, list[Path]]:
     """Per step index: the local files its `input.path` reads, including media that tables name."""
     from lance_ray.pipeline.sources import expand_paths, open_source
-    from lance_ray.spec import INPUT_MEDIA, is_uri
+    from lance_ray.spec import is_uri
 
     found: dict[int, list[Path]] = {}
     for index, step in enumerate(job.steps):
@@ -91,7 +91,7 @@ def _local_input_files(job) -> dict[int, list[Path]]:
         local = [p for p in step.input.path if not is_uri(p)]
         if not local:
             continue
-        files = expand_paths(local, step.input.format, INPUT_MEDIA.get(step.task))
+        files = expand_paths(local, step.input.format, step.spec.input_media)
         paths = [Path(f.uri) for f in files]
         tables = [f.uri for f in files if f.kind not in ("image", "video")]
         if tables:  # media paths inside tables are relative to the table: ship those files too

@@ -11,23 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lance_ray.spec import Job, Step
-
-# Seconds of one H100 per row at the task's default shape and batch, measured by benchmarks/
-# (README there): captions at batch 32, t2i/edits at batch 4, video tasks at 49 frames, 480p.
-GPU_SECONDS_PER_ROW: dict[str, float] = {
-    "x2t_image": 0.09,
-    "x2t_video": 2.0,
-    "t2i": 2.05,
-    "image_edit": 2.5,
-    "t2v": 28.2,
-    "i2v": 28.2,
-    "video_edit": 51.3,
-}
-# Rows per model call when a step does not say (video tasks are compute-bound at batch 1).
-DEFAULT_BATCH_SIZE: dict[str, int] = {
-    "x2t_image": 32, "x2t_video": 4, "t2i": 4, "image_edit": 4, "t2v": 1, "i2v": 1, "video_edit": 1,
-}
+from lance_ray.spec import Job, Params, Step
 
 
 @dataclass
@@ -36,12 +20,14 @@ class PlannedStep:
     rows: int | None  # None when unknown until an upstream step has run
     batch_size: int
 
+    params: Params  # the step's effective params (task defaults applied)
+
     @property
     def estimated_gpu_s(self) -> float | None:
         if self.rows is None:
             return None
         turns = max(1, len(self.step.turns or []))
-        return self.rows * turns * GPU_SECONDS_PER_ROW[self.step.task]
+        return self.rows * turns * self.step.spec.cost.seconds_per_row(self.params)
 
 
 @dataclass
@@ -103,9 +89,8 @@ def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None]
             if levels[step.name] != wave.index:
                 continue
             rows = row_counts.get(step.name)
-            batch = (step.resources.batch_size if step.resources and step.resources.batch_size
-                     else DEFAULT_BATCH_SIZE[step.task])
-            by_family.setdefault(step.family, []).append(PlannedStep(step, rows, batch))
+            batch = step.resources.batch_size or step.spec.batch_size
+            by_family.setdefault(step.family, []).append(PlannedStep(step, rows, batch, step.params_for(job)))
         for family, planned in by_family.items():
             requested = max((p.step.resources.gpus for p in planned if p.step.resources and p.step.resources.gpus),
                             default=None)
@@ -171,7 +156,7 @@ def format_plan(plan: Plan) -> str:
                 total += group.estimated_gpu_s
     suffix = " (+ steps of unknown size)" if unknown else ""
     lines.append(f"estimated GPU time: {_duration(total)}{suffix} on H100-class GPUs "
-                 f"(per-task costs in lance_ray/planner.py)")
+                 f"(per-task costs in lance_ray/models/lance/tasks.py)")
     return "\n".join(lines)
 
 

@@ -18,16 +18,14 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-import pyarrow as pa
-
+from lance_ray.errors import LanceRayError, RunError
 from lance_ray.io import storage
 from lance_ray.pipeline import sinks, sources
 from lance_ray.pipeline.planner import Group, Plan, make_plan, runs_side_by_side
-from lance_ray.pipeline.worker import CANONICAL_FIELDS, LanceWorker, StepContext, finish_rows, prepare_rows
+from lance_ray.pipeline.worker import LanceWorker, StepContext, finish_rows, prepare_rows
 from lance_ray.spec import Job, Step
 
 log = logging.getLogger(__name__)
-CANONICAL_SCHEMA = pa.schema(CANONICAL_FIELDS)
 SUMMARY_PREFIX = "LANCE_RAY_SUMMARY "
 
 
@@ -90,27 +88,16 @@ def cluster_gpu_count() -> int:
 
 
 def _step_context(job: Job, step: Step) -> StepContext:
+    params = step.params_for(job)
     return StepContext(
         name=step.name,
-        task=step.task,
-        params=step.params_for(job),
+        task=step.spec,
+        params=params,
+        settings=step.spec.settings(params),
         output_uri=step.output_path(job),
-        video_codec=step.output.video_codec if step.output else "h264",
+        video_codec=step.output.video_codec,
         turns=tuple(step.turns or ()),
     )
-
-
-def _canonical(batch: pa.Table, step: str) -> pa.Table:
-    """Gives every source's rows the same Arrow schema (plus the step name) so steps can be unioned."""
-    columns = []
-    for item in CANONICAL_FIELDS:
-        if item.name == "step":
-            columns.append(pa.array([step] * batch.num_rows, pa.string()))
-        elif item.name in batch.column_names:
-            columns.append(batch.column(item.name).cast(item.type))
-        else:
-            columns.append(pa.nulls(batch.num_rows, item.type))
-    return pa.Table.from_arrays(columns, schema=CANONICAL_SCHEMA)
 
 
 class JobRunner:
@@ -126,21 +113,42 @@ class JobRunner:
         self.summary = RunSummary(job=job.name, run_id=run_id or new_run_id())
         self.summary.events_uri = storage.join_uri(job.output, "_runs", self.summary.run_id)
         self._lock = threading.Lock()
+        self._cancelled = threading.Event()  # set when a group fails: its siblings stop at their next batch
 
     def run(self, plan: Plan) -> RunSummary:
+        """Runs every wave; raises `RunError` (committed rows are kept) when a checkpoint group fails."""
         started = time.perf_counter()
         for wave in plan.waves:
             if runs_side_by_side(wave, plan.cluster_gpus) and len(wave.groups) > 1:
-                threads = [threading.Thread(target=self.run_group, args=(g,)) for g in wave.groups]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
+                self._run_side_by_side(wave.groups)
             else:
                 for group in wave.groups:
                     self.run_group(group)
         self.summary.elapsed_s = round(time.perf_counter() - started, 3)
         return self.summary
+
+    def _run_side_by_side(self, groups: list[Group]) -> None:
+        """One thread per group. The first group that fails cancels the others, and its error is raised
+        here, in the caller's thread (an exception in a thread would otherwise be lost)."""
+        errors: dict[str, BaseException] = {}
+
+        def target(group: Group) -> None:
+            try:
+                self.run_group(group)
+            except BaseException as exc:  # handed to the caller below
+                errors[group.family] = exc
+                self._cancelled.set()
+
+        threads = [threading.Thread(target=target, args=(g,), name=f"group-{g.family}") for g in groups]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            family, exc = next(iter(errors.items()))
+            if isinstance(exc, LanceRayError):
+                raise exc
+            raise RunError(f"checkpoint group {family} failed: {type(exc).__name__}: {exc}") from exc
 
     def run_group(self, group: Group) -> None:
         from ray.data import ActorPoolStrategy
@@ -173,15 +181,7 @@ class JobRunner:
                 counted = self.row_counts.get(step.name)
                 summary.rows = source.count() if counted is None else counted
             if summary.rows > summary.skipped:  # a fully committed step starts no actor
-                datasets.append(
-                    source.to_dataset(exclude_row_ids=committed).map_batches(
-                        _canonical,
-                        fn_kwargs={"step": step.name},
-                        batch_format="pyarrow",
-                        batch_size=None,
-                        zero_copy_batch=True,
-                    )
-                )
+                datasets.append(source.to_dataset(exclude_row_ids=committed))
         with self._lock:
             self.summary.steps.extend(summaries.values())
         if not datasets:
@@ -217,6 +217,9 @@ class JobRunner:
         )
         bar = _progress_bar(pending, f"{group.family} [{', '.join(summaries)}]", self.progress)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if self._cancelled.is_set():  # a sibling group failed: stop (closing the iterator stops Ray Data)
+                bar.close()
+                return
             for step_name, error in zip(
                 batch.column("step").to_pylist(), batch.column("error").to_pylist(), strict=True
             ):
@@ -280,9 +283,12 @@ def run_job(
     run_id: str | None = None,
     verbose: bool = False,
 ) -> RunSummary:
-    """Plans and runs a job on Ray; returns per-step counts. Rows that failed are in the outputs with `error`."""
+    """Plans and runs a job on Ray; returns per-step counts. Rows that failed are in the outputs with `error`.
+
+    The Ray cluster: `address`, else the job file's `ray.address`, else $RAY_ADDRESS, else a local Ray.
+    """
     check_local_models(job)
-    init_ray(address, verbose)
+    init_ray(address or job.ray.address, verbose)
     row_counts = count_rows(job)
     plan = make_plan(job, cluster_gpu_count(), row_counts)
     runner = JobRunner(job, overwrite=overwrite, retry_failed=retry_failed, progress=progress, run_id=run_id,

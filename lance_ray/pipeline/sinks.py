@@ -25,40 +25,12 @@ import pyarrow.parquet as pq
 
 from lance_ray import __version__
 from lance_ray.io.storage import filesystem_for, join_uri, safe_token, write_bytes_atomic
+from lance_ray.spec.rows import OUTPUT_SCHEMA
 
 MANIFEST_NAME = "_manifest.json"
 MEDIA_DIR = "media"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
-
-OUTPUT_SCHEMA = pa.schema(
-    [
-        pa.field("row_id", pa.string(), nullable=False),
-        pa.field("step", pa.string(), nullable=False),
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("prompt", pa.string()),
-        pa.field("image", pa.string()),
-        pa.field("video", pa.string()),
-        pa.field("input_row", pa.string()),  # the original input row as JSON
-        pa.field("text", pa.string()),  # x2t answer / caption
-        pa.field("media_uri", pa.string()),  # generated image or video
-        # multi-turn edits: every turn's media, the last one being `media_uri`
-        pa.field("turn_media_uris", pa.list_(pa.string())),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("frames", pa.int32()),
-        pa.field("fps", pa.float64()),
-        pa.field("params", pa.string()),  # the parameters actually used, as JSON
-        pa.field("seed", pa.int64()),
-        pa.field("model_id", pa.string()),
-        pa.field("model_revision", pa.string()),
-        pa.field("backend", pa.string()),
-        pa.field("started_at", pa.timestamp("us", tz="UTC")),
-        pa.field("elapsed_s", pa.float64()),
-        pa.field("error", pa.string()),  # null on success
-    ]
-)
-
 
 def _utc(value: datetime | str | float | None) -> datetime | None:
     """`started_at` may arrive as a datetime, an ISO string or epoch seconds."""

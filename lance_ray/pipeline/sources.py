@@ -9,10 +9,10 @@ A step reads exactly one of
   becomes `image` / `video` (text-producing steps pass their own input media on). The upstream
   prompt and seed are not reused unless mapped (`columns: {prompt: text}`).
 
-Every row becomes a canonical row (`CANONICAL_SCHEMA`):
-`row_id, prompt, image, video, seed, input_row, error`. A row that cannot be used (a missing
-column, an empty prompt, a template naming a column the row lacks) gets `error` set instead of
-stopping the job; the worker writes it as an error row without running the model.
+Every row becomes a source row (`lance_ray.spec.rows.SOURCE_SCHEMA`):
+`row_id, step, prompt, image, video, seed_override, input_row, error`. A row that cannot be used (a
+missing column, an empty prompt, a template naming a column the row lacks) gets `error` set instead
+of stopping the job; the worker writes it as an error row without running the model.
 
 Row ids are stable across runs:
 * the mapped id column when there is one (made file-name safe by `storage.safe_token`);
@@ -38,29 +38,11 @@ import pyarrow.parquet as pq
 import ray.data
 from jinja2 import TemplateError
 
+from lance_ray.errors import InputError
 from lance_ray.io.storage import filesystem_for, is_local, join_uri, safe_token, sanitize, short_hash, to_uri
 from lance_ray.pipeline.sinks import read_step_output
-from lance_ray.spec import (
-    INPUT_MEDIA,
-    PROMPT_COLUMNS,
-    PROMPT_OPTIONAL_TASKS,
-    ColumnMap,
-    Job,
-    Step,
-    compile_prompt_template,
-)
-
-CANONICAL_SCHEMA = pa.schema(
-    [
-        pa.field("row_id", pa.string()),
-        pa.field("prompt", pa.string()),
-        pa.field("image", pa.string()),
-        pa.field("video", pa.string()),
-        pa.field("seed", pa.int64()),
-        pa.field("input_row", pa.string()),  # the original row as JSON, for provenance
-        pa.field("error", pa.string()),  # set when the row cannot be used
-    ]
-)
+from lance_ray.spec import PROMPT_COLUMNS, ColumnMap, Job, Step, compile_prompt_template
+from lance_ray.spec.rows import source_table
 
 TABLE_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _TABLE_FORMATS = frozenset(TABLE_EXTENSIONS.values())
@@ -70,7 +52,7 @@ VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 _BLOCK_ROWS = 256  # rows per Ray Data block: small enough that media decoding spreads over many tasks
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """The step's input as a whole is unusable: nothing matched, an unreadable table, duplicate ids."""
 
 
@@ -257,19 +239,19 @@ class StepSource:
 
     def __init__(self, step: Step, job: Job, upstream: Mapping[str, str] | None = None):
         self.step = step
-        self.task: str = step.task
+        self.task = step.spec
         self.input = step.input
         self.columns = _column_candidates(step.input.columns, from_step=step.input.from_step is not None)
         self.prompt_template = (
             None if step.input.prompt is None else compile_prompt_template(step.input.prompt)
         )
-        self.prompt_required = self.task not in PROMPT_OPTIONAL_TASKS and not step.turns
+        self.prompt_required = self.task.prompt_required and not step.turns
         self.upstream_uri: str | None = None
-        self.upstream_task: str | None = None
+        self.upstream_output: str | None = None  # what the upstream task writes: text | image | video
         if step.input.from_step:
             upstream_step = job.step(step.input.from_step)
             self.upstream_uri = (upstream or {}).get(upstream_step.name) or upstream_step.output_path(job)
-            self.upstream_task = upstream_step.task
+            self.upstream_output = upstream_step.spec.output
         self._count: int | None = None
 
     # -- raw rows: (row id derived from position, original row or an error message, table uri)
@@ -281,8 +263,7 @@ class StepSource:
         elif self.input.from_step:
             yield from self._upstream_rows()
         else:
-            prefer = INPUT_MEDIA.get(self.task)
-            for file in expand_paths(self.input.path or [], self.input.format, prefer):
+            for file in expand_paths(self.input.path or [], self.input.format, self.task.input_media):
                 if file.kind in ("image", "video"):
                     yield media_row_id(file.rel), {file.kind: file.uri, "path": file.rel}, None
                     continue
@@ -297,9 +278,7 @@ class StepSource:
     def _upstream_rows(self) -> Iterator[tuple[str, dict, None]]:
         """Committed, error-free rows of the upstream step. Its result becomes this step's `image` /
         `video`; the upstream's input media, copied into its output rows, stay in the other column."""
-        from lance_ray.pipeline.worker import output_kind  # the worker owns what each task produces
-
-        kind = output_kind(self.upstream_task)
+        kind = self.upstream_output
         table = read_step_output(self.upstream_uri).drop_columns(["input_row"])
         for row in table.to_pylist():
             if row.pop("error") is not None:
@@ -312,8 +291,8 @@ class StepSource:
 
     def _canonical(self, derived_id: str, raw: dict | str, table_uri: str | None) -> dict:
         if isinstance(raw, str):  # a table line that is not a row at all
-            return {"row_id": derived_id, "input_row": _to_json({}), "error": raw}
-        out: dict[str, Any] = {"row_id": derived_id, "input_row": _to_json(raw)}
+            return {"row_id": derived_id, "step": self.step.name, "input_row": _to_json({}), "error": raw}
+        out: dict[str, Any] = {"row_id": derived_id, "step": self.step.name, "input_row": _to_json(raw)}
         errors: list[str] = []
         for name, (candidates, mapped) in self.columns.items():
             if name == "prompt" and self.prompt_template is not None:
@@ -327,7 +306,7 @@ class StepSource:
                 out["row_id"] = safe_token(str(value))
             elif name == "seed":
                 try:
-                    out["seed"] = int(value)
+                    out["seed_override"] = int(value)
                 except (TypeError, ValueError):
                     errors.append(f"seed {value!r} is not an integer")
             elif name in ("image", "video") and table_uri is not None:
@@ -339,17 +318,18 @@ class StepSource:
                 out["prompt"] = self.prompt_template.render(raw)
             except TemplateError as e:
                 errors.append(f"prompt template: {e}")
-        media = INPUT_MEDIA.get(self.task)
+        media = self.task.input_media
         if media and not out.get(media) and not self.columns[media][1]:
-            errors.append(f"task {self.task} needs an input {media}; the row has no {media!r} column")
+            errors.append(f"task {self.task.name} needs an input {media}; the row has no {media!r} column")
         if self.prompt_required and not errors and not (out.get("prompt") or "").strip():
-            errors.append(f"task {self.task} needs a non-empty prompt")
+            errors.append(f"task {self.task.name} needs a non-empty {self.task.prompt_name}")
         if errors:
             out["error"] = "; ".join(errors)
         return out
 
     def iter_rows(self) -> Iterator[dict]:
-        """Canonical rows in input order, at most `limit`; raises `SourceError` on a duplicate id."""
+        """Source rows (dicts of SOURCE_SCHEMA fields) in input order, at most `limit`; raises `SourceError`
+        on a duplicate id."""
         seen: set[str] = set()
         for derived_id, raw, table_uri in self._raw_rows():
             if self.input.limit is not None and len(seen) >= self.input.limit:
@@ -372,7 +352,7 @@ class StepSource:
         return self._count or 0
 
     def to_dataset(self, exclude_row_ids: Iterable[str] = frozenset()) -> ray.data.Dataset:
-        """The rows as a Ray Dataset in `CANONICAL_SCHEMA`, without `exclude_row_ids` (already committed).
+        """The rows as a Ray Dataset in `SOURCE_SCHEMA`, without `exclude_row_ids` (already committed).
 
         Rows become Arrow blocks as they are read, so the driver never holds them all as dicts.
         """
@@ -383,10 +363,10 @@ class StepSource:
                 continue
             pending.append(row)
             if len(pending) == _BLOCK_ROWS:
-                blocks.append(pa.Table.from_pylist(pending, schema=CANONICAL_SCHEMA))
+                blocks.append(source_table(pending))
                 pending = []
         if pending or not blocks:
-            blocks.append(pa.Table.from_pylist(pending, schema=CANONICAL_SCHEMA))
+            blocks.append(source_table(pending))
         return ray.data.from_arrow(blocks)
 
 

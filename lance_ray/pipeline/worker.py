@@ -5,8 +5,7 @@
     finish_rows    CPU tasks   encode PNG/MP4, write media files, write the step's Parquet part
 
 A row that goes wrong at any stage keeps going with `error` set, so it is still written (and counted)
-instead of failing the job. Batches travel as Arrow tables with explicit schemas: decoded pixels are
-raw uint8 bytes plus a shape, which Arrow carries without copies or ragged-tensor extensions.
+instead of failing the job. Batches travel as Arrow tables in the schemas of `lance_ray.spec.rows`.
 """
 
 from __future__ import annotations
@@ -24,51 +23,18 @@ import numpy as np
 import pyarrow as pa
 
 from lance_ray.io import media, storage
+from lance_ray.models.lance.settings import DecodeSettings, GenerationSettings
+from lance_ray.models.lance.tasks import TaskSpec
 from lance_ray.pipeline import sinks
-from lance_ray.pipeline.backends import IMAGE_OUTPUT_TASKS, TEXT_TASKS, TaskInput, TaskOutput, load_backend
-from lance_ray.spec import INPUT_MEDIA, PROMPT_OPTIONAL_TASKS, ModelRef, Params
-
-SHAPE = pa.list_(pa.int32())
-CANONICAL_FIELDS = [
-    pa.field("row_id", pa.string()),
-    pa.field("prompt", pa.string()),
-    pa.field("image", pa.string()),
-    pa.field("video", pa.string()),
-    pa.field("seed", pa.int64()),
-    pa.field("input_row", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("step", pa.string()),
-]
-PREPARED_SCHEMA = pa.schema(
-    CANONICAL_FIELDS
-    + [
-        pa.field("seed_used", pa.int64()),
-        pa.field("pixels", pa.large_binary()),
-        pa.field("pixels_shape", SHAPE),
-    ]
-)
-RESULT_SCHEMA = pa.schema(
-    CANONICAL_FIELDS
-    + [
-        pa.field("seed_used", pa.int64()),
-        pa.field("text", pa.string()),
-        pa.field("result_pixels", pa.large_binary()),
-        pa.field("result_shape", SHAPE),
-        pa.field("turn_pixels", pa.list_(pa.large_binary())),
-        pa.field("turn_shapes", pa.list_(SHAPE)),
-        pa.field("model_id", pa.string()),
-        pa.field("model_revision", pa.string()),
-        pa.field("backend", pa.string()),
-        pa.field("started_at", pa.string()),
-        pa.field("elapsed_s", pa.float64()),
-    ]
-)
-COMMITTED_SCHEMA = pa.schema(
-    [
-        pa.field("step", pa.string()),
-        pa.field("row_id", pa.string()),
-        pa.field("error", pa.string()),
-    ]
+from lance_ray.pipeline.backends import TaskInput, TaskOutput, load_backend
+from lance_ray.spec import ModelRef, Params
+from lance_ray.spec.rows import (
+    COMMIT_SCHEMA,
+    PREPARED_SCHEMA,
+    RESULT_SCHEMA,
+    Row,
+    rows_from_table,
+    rows_to_table,
 )
 
 
@@ -77,77 +43,68 @@ class StepContext:
     """What the stages need to know about a step (picklable, shipped with the stage functions)."""
 
     name: str
-    task: str
-    params: Params
+    task: TaskSpec
+    params: Params  # effective params (task defaults applied): written with every output row
+    settings: DecodeSettings | GenerationSettings  # what the model takes, built once from `params`
     output_uri: str
     video_codec: str = "h264"
     turns: tuple[str, ...] = ()
 
 
-def row_seed(params: Params, row_id: str, row_seed_value: int | None) -> int:
-    """A row's seed: its own `seed` column, else the step seed (official mode) or one derived from it.
+def row_seed(params: Params, row_id: str, seed_override: int | None) -> int:
+    """A row's seed: its own override, else the step seed (official mode) or one derived from it.
 
     The official script gives every prompt of a run the same noise; for a dataset that means identical
     noise for every row, so by default each row gets a seed derived from (step seed, row_id): stable
     across runs and independent of batching.
     """
-    if row_seed_value is not None:
-        return int(row_seed_value)
+    if seed_override is not None:
+        return int(seed_override)
     if params.seed_mode == "official":
         return params.seed
     digest = hashlib.sha256(f"{params.seed}:{row_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(
-        [{name: row.get(name) for name in schema.names} for row in rows], schema=schema
-    )
-
-
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _decode_input(task: str, row: dict) -> np.ndarray | None:
+def _decode_input(task: TaskSpec, row: Row) -> np.ndarray | None:
     """The task's input media as uint8 pixels; videos are frame-sampled the official way."""
-    kind = INPUT_MEDIA[task]
+    kind = task.input_media
     if kind is None:
         return None
-    if not row.get(kind):
-        raise ValueError(f"task {task} needs {'an image' if kind == 'image' else 'a video'}, the row has none")
+    uri = row.image if kind == "image" else row.video
+    if not uri:
+        raise ValueError(f"task {task.name} needs {'an image' if kind == 'image' else 'a video'}, the row has none")
     if kind == "image":
-        return media.decode_image(row["image"])
+        return media.decode_image(uri)
     from lance_ray.models.lance.preprocess import sample_frame_indices
 
-    info = media.probe_video(row["video"])
-    return media.decode_video(row["video"], sample_frame_indices(info.num_frames, info.fps))
+    info = media.probe_video(uri)
+    return media.decode_video(uri, sample_frame_indices(info.num_frames, info.fps))
 
 
 def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
     """CPU stage: decode media and fix seeds. Rows that cannot be prepared carry `error`."""
-    rows = batch.to_pylist()
+    rows = rows_from_table(batch)
     for row in rows:
-        ctx = steps[row["step"]]
-        row["seed_used"] = row_seed(ctx.params, row["row_id"], row.get("seed"))
-        if row.get("error"):
+        ctx = steps[row.step]
+        row.seed = row_seed(ctx.params, row.row_id, row.seed_override)
+        if row.error:
             continue
-        if ctx.task not in PROMPT_OPTIONAL_TASKS and not (row.get("prompt") or "").strip() and not ctx.turns:
-            row["error"] = f"task {ctx.task} needs a non-empty prompt/instruction"
+        if ctx.task.prompt_required and not (row.prompt or "").strip() and not ctx.turns:
+            row.error = f"task {ctx.task.name} needs a non-empty {ctx.task.prompt_name}"
             continue
         try:
             pixels = _decode_input(ctx.task, row)
         except Exception as exc:  # a bad row must never fail the job
-            row["error"] = _error_text(exc)
+            row.error = _error_text(exc)
             continue
         if pixels is not None:
-            row["pixels"] = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-            row["pixels_shape"] = list(pixels.shape)
-    return _table(rows, PREPARED_SCHEMA)
-
-
-def _array(data: bytes, shape: list[int]) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+            row.set_input_array(pixels)
+    return rows_to_table(rows, PREPARED_SCHEMA)
 
 
 class LanceWorker:
@@ -183,25 +140,25 @@ class LanceWorker:
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        # Sub-batches by step (task and params); LancePipeline groups each sub-batch by shape itself
-        # (understanding packs mixed sizes into one call, generation batches same-shape targets).
-        groups: dict[str, list[dict]] = defaultdict(list)
+        rows = rows_from_table(batch)
+        # Sub-batches by step (one task, one settings object); LancePipeline groups each sub-batch by
+        # shape itself (understanding packs mixed sizes into one call, generation batches same-shape targets).
+        by_step: dict[str, list[Row]] = defaultdict(list)
         for row in rows:
-            if not row.get("error"):
-                groups[row["step"]].append(row)
-        for step_name, members in groups.items():
+            if not row.error:
+                by_step[row.step].append(row)
+        for step_name, members in by_step.items():
             size = self.batch_sizes.get(step_name, 1)
             for start in range(0, len(members), size):
                 self._run_chunk(self.steps[step_name], members[start : start + size])
         for row in rows:
-            row.pop("pixels", None)
-            row.setdefault("model_id", self.backend.model_id)
-            row.setdefault("model_revision", self.backend.model_revision)
-            row.setdefault("backend", self.backend.name)
-        return _table(rows, RESULT_SCHEMA)
+            row.pixels = row.pixels_shape = None  # the input media stay here; only results travel on
+            row.model_id = row.model_id or self.backend.model_id
+            row.model_revision = row.model_revision or self.backend.model_revision
+            row.backend = row.backend or self.backend.name
+        return rows_to_table(rows, RESULT_SCHEMA)
 
-    def _run_chunk(self, ctx: StepContext, chunk: list[dict]) -> None:
+    def _run_chunk(self, ctx: StepContext, chunk: list[Row]) -> None:
         """Runs rows of one step as one batched call; isolates a failing row."""
         started_at = datetime.now(timezone.utc).isoformat()
         t0 = time.perf_counter()
@@ -212,76 +169,54 @@ class LanceWorker:
                 for row in chunk:
                     self._run_chunk(ctx, [row])
                 return
-            chunk[0]["error"] = _error_text(exc)
+            chunk[0].error = _error_text(exc)
             return
         elapsed = (time.perf_counter() - t0) / len(chunk)
         for index, (row, output) in enumerate(zip(chunk, outputs, strict=True)):
-            row["started_at"] = started_at
-            row["elapsed_s"] = elapsed
-            row["text"] = output.text
+            row.started_at = started_at
+            row.elapsed_s = elapsed
+            row.text = output.text
             if output.pixels is not None:
-                row["result_pixels"], row["result_shape"] = _pixels_bytes(output.pixels)
+                row.set_result_array(output.pixels)
             if turn_outputs:  # intermediate turns; the last turn is the row's result
-                encoded = [_pixels_bytes(turn[index].pixels) for turn in turn_outputs[:-1]]
-                row["turn_pixels"] = [data for data, _ in encoded]
-                row["turn_shapes"] = [shape for _, shape in encoded]
+                row.set_turn_arrays([turn[index].pixels for turn in turn_outputs[:-1]])
 
-    def _run_task(
-        self, ctx: StepContext, chunk: list[dict]
-    ) -> tuple[list[TaskOutput], list[list[TaskOutput]]]:
-        inputs = []
-        for row in chunk:
-            pixels = _array(row["pixels"], row["pixels_shape"]) if row.get("pixels") else None
-            is_video = INPUT_MEDIA[ctx.task] == "video"
-            inputs.append(
-                TaskInput(
-                    prompt=row.get("prompt"),
-                    seed=row["seed_used"],
-                    image=None if is_video else pixels,
-                    video=pixels if is_video else None,
-                )
-            )
+    def _run_task(self, ctx: StepContext, chunk: list[Row]) -> tuple[list[TaskOutput], list[list[TaskOutput]]]:
+        inputs = [TaskInput(prompt=row.prompt, seed=row.seed, media=row.input_array()) for row in chunk]
         if not ctx.turns:
-            return self.backend.run(ctx.task, inputs, ctx.params), []
+            return self.backend.run(ctx.task, inputs, ctx.settings), []
         # Multi-turn edit: each turn edits the previous turn's output; every turn is kept.
         turn_outputs: list[list[TaskOutput]] = []
         for instruction in ctx.turns:
             for task_input in inputs:
                 task_input.prompt = instruction
-            outputs = self.backend.run(ctx.task, inputs, ctx.params)
+            outputs = self.backend.run(ctx.task, inputs, ctx.settings)
             turn_outputs.append(outputs)
             for task_input, output in zip(inputs, outputs, strict=True):
-                if ctx.task == "image_edit":
-                    task_input.image = output.pixels
-                else:
-                    task_input.video = output.pixels
+                task_input.media = output.pixels
         return turn_outputs[-1], turn_outputs
 
 
-def _pixels_bytes(pixels: np.ndarray) -> tuple[bytes, list[int]]:
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    return pixels.tobytes(), list(pixels.shape)
-
-
-def _output_row(row: dict, ctx: StepContext) -> dict:
+def _output_row(row: Row, ctx: StepContext) -> dict:
+    """A row of the step's Parquet dataset (`rows.OUTPUT_SCHEMA`), media columns still unset."""
     params = ctx.params.model_dump(mode="json", exclude_none=True)
     return {
-        "row_id": row["row_id"],
+        "row_id": row.row_id,
         "step": ctx.name,
-        "task": ctx.task,
-        "prompt": row.get("prompt"),
-        "image": row.get("image"),
-        "video": row.get("video"),
-        "input_row": row.get("input_row"),
-        "text": row.get("text"),
+        "task": ctx.task.name,
+        "prompt": row.prompt,
+        "image": row.image,
+        "video": row.video,
+        "input_row": row.input_row,
+        "text": row.text,
         "params": json.dumps(params, sort_keys=True),
-        "seed": row.get("seed_used"),
-        "model_id": row.get("model_id"),
-        "model_revision": row.get("model_revision"),
-        "backend": row.get("backend"),
-        "started_at": row.get("started_at"),
-        "elapsed_s": row.get("elapsed_s"),
-        "error": row.get("error"),
+        "seed": row.seed,
+        "model_id": row.model_id,
+        "model_revision": row.model_revision,
+        "backend": row.backend,
+        "started_at": row.started_at,
+        "elapsed_s": row.elapsed_s,
+        "error": row.error,
     }
 
 
@@ -289,13 +224,7 @@ def _write_pixels(ctx: StepContext, name: str, pixels: np.ndarray) -> dict:
     """Encodes one result (PNG for [H, W, 3], MP4/MKV for [T, H, W, 3]) and writes it under the step's media."""
     if pixels.ndim == 3:
         uri = sinks.write_media(ctx.output_uri, name, media.encode_png(pixels), "png")
-        return {
-            "media_uri": uri,
-            "height": pixels.shape[0],
-            "width": pixels.shape[1],
-            "frames": 1,
-            "fps": None,
-        }
+        return {"media_uri": uri, "height": pixels.shape[0], "width": pixels.shape[1], "frames": 1, "fps": None}
     data, ext = media.encode_video(pixels, ctx.params.fps, ctx.video_codec)
     uri = sinks.write_media(ctx.output_uri, name, data, ext)
     return {
@@ -307,12 +236,11 @@ def _write_pixels(ctx: StepContext, name: str, pixels: np.ndarray) -> dict:
     }
 
 
-def _write_result_media(row: dict, ctx: StepContext, out: dict) -> None:
-    out.update(_write_pixels(ctx, row["row_id"], _array(row["result_pixels"], row["result_shape"])))
-    turns = zip(row.get("turn_pixels") or [], row.get("turn_shapes") or [], strict=True)
+def _write_result_media(row: Row, ctx: StepContext, out: dict) -> None:
+    out.update(_write_pixels(ctx, row.row_id, row.result_array()))
     turn_uris = [
-        _write_pixels(ctx, f"{row['row_id']}-turn{index + 1}", _array(data, shape))["media_uri"]
-        for index, (data, shape) in enumerate(turns)
+        _write_pixels(ctx, f"{row.row_id}-turn{index + 1}", pixels)["media_uri"]
+        for index, pixels in enumerate(row.turn_arrays())
     ]
     if ctx.turns:  # every turn's output, the last being the row's result
         out["turn_media_uris"] = turn_uris + [out["media_uri"]]
@@ -321,10 +249,10 @@ def _write_result_media(row: dict, ctx: StepContext, out: dict) -> None:
 def finish_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
     """CPU stage: encode and write media, then commit each step's rows as one atomic Parquet part."""
     by_step: dict[str, list[dict]] = defaultdict(list)
-    for row in batch.to_pylist():
-        ctx = steps[row["step"]]
+    for row in rows_from_table(batch):
+        ctx = steps[row.step]
         out = _output_row(row, ctx)
-        if not out["error"] and ctx.task not in TEXT_TASKS:
+        if not out["error"] and ctx.task.output != "text":
             try:
                 _write_result_media(row, ctx, out)
             except Exception as exc:
@@ -334,11 +262,4 @@ def finish_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
     for step_name, outputs in by_step.items():
         sinks.write_part(steps[step_name].output_uri, outputs)
         committed.extend({"step": step_name, "row_id": r["row_id"], "error": r["error"]} for r in outputs)
-    return _table(committed, COMMITTED_SCHEMA)
-
-
-def output_kind(task: str) -> str:
-    """What a step produces: `text`, `image` or `video` (used by from_step chaining and the planner)."""
-    if task in TEXT_TASKS:
-        return "text"
-    return "image" if task in IMAGE_OUTPUT_TASKS else "video"
+    return pa.Table.from_pylist(committed, schema=COMMIT_SCHEMA)

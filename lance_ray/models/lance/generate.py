@@ -47,8 +47,9 @@ import torch
 
 from . import preprocess
 from .latent import latent_position_index
-from .sampler import SamplerSettings, Schedule, apply_cfg, euler_step, initial_noise
+from .sampler import Schedule, apply_cfg, euler_step, initial_noise
 from .sequence import GenerationLayout, Grid, build_generation
+from .settings import SamplerSettings
 from .tokenizer import LanceTokenizer
 from .transformer import KVCache, LanceModel, Routing, Split
 
@@ -250,9 +251,6 @@ def denoise(
 # ---------------------------------------------------------------------------------------------------
 # From media to media
 # ---------------------------------------------------------------------------------------------------
-DEFAULT_SEED = 42  # the official script gives every row this seed
-
-
 @dataclass
 class MediaRow:
     """One generation request as the pipeline receives it."""
@@ -263,9 +261,7 @@ class MediaRow:
     media: np.ndarray | None = None  # uint8 [T, H, W, 3]: edit source, or the i2v image (T = 1)
 
 
-def _resolve_seeds(seeds: list[int] | None, n: int) -> list[int]:
-    if seeds is None:
-        return [DEFAULT_SEED] * n
+def _check_seeds(seeds: list[int], n: int) -> list[int]:
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} rows")
     return [int(s) for s in seeds]
@@ -278,21 +274,21 @@ def _as_frames(media: np.ndarray) -> np.ndarray:
     return media[None] if media.ndim == 3 else media
 
 
-def text_rows(prompts: list[str], height: int, width: int, frames: int, seeds: list[int] | None) -> list[MediaRow]:
+def text_rows(prompts: list[str], height: int, width: int, frames: int, seeds: list[int]) -> list[MediaRow]:
     """t2i (frames = 1) / t2v rows: output size = the request floored to multiples of 16."""
     h, w = preprocess.output_size(height, width)
     target = (preprocess.latent_frames(frames), h // 16, w // 16)
-    return [MediaRow(p, s, target) for p, s in zip(prompts, _resolve_seeds(seeds, len(prompts)), strict=True)]
+    return [MediaRow(p, s, target) for p, s in zip(prompts, _check_seeds(seeds, len(prompts)), strict=True)]
 
 
-def media_rows(media: list[np.ndarray], prompts: list[str], preset: str, seeds: list[int] | None,
+def media_rows(media: list[np.ndarray], prompts: list[str], preset: str, seeds: list[int],
                frames: int | None = None) -> list[MediaRow]:
     """Edit rows (target = the source's bucket and frame count) or, with `frames`, i2v rows (the image's
     bucket, `frames` output frames)."""
     if len(media) != len(prompts):
         raise ValueError(f"{len(media)} inputs for {len(prompts)} prompts/instructions")
     rows = []
-    for m, p, s in zip(media, prompts, _resolve_seeds(seeds, len(prompts)), strict=True):
+    for m, p, s in zip(media, prompts, _check_seeds(seeds, len(prompts)), strict=True):
         m = _as_frames(m)
         h, w = preprocess.stream_size(m.shape[1], m.shape[2], preset, "vae")
         t = preprocess.latent_frames(frames if frames is not None else m.shape[0])
@@ -348,7 +344,7 @@ def generate_media(
     rows: list[MediaRow],
     settings: SamplerSettings,
     *,
-    preset: str = "image_768res",
+    preset: str,
     max_batch_size: int | None = None,
     return_latents: bool = False,
 ) -> list[np.ndarray] | list[torch.Tensor]:

@@ -1,7 +1,13 @@
 """`LancePipeline`: load a checkpoint family once, then one batched method per task.
 
     pipe = LancePipeline.from_pretrained("lance-tiny", family="image", device="auto", dtype="bfloat16")
-    pipe.x2t_image(images, questions, preset="image_768res", max_new_tokens=256)
+    pipe.x2t_image(images, questions, max_new_tokens=128)
+    pipe.t2i(prompts, height=512, width=512, seeds=[1, 2])
+
+Every method takes the task's params as keyword arguments (see `tasks.py` for which params a task
+reads); anything left out gets the task's default -- the same defaults a job file gets. Params are
+validated once, by `Params`, then turned into the model's settings by the task (`TaskSpec.settings`).
+`run(task, ...)` is the uniform entry the pipeline's worker uses with settings it built itself.
 
 Media in are uint8 numpy arrays, images `(H, W, 3)`, videos `(T, H, W, 3)` already frame-sampled with
 `preprocess.sample_frame_indices`; media out likewise.  Loaded parts are plain attributes: `model`
@@ -20,8 +26,9 @@ import torch
 from . import preprocess
 from .checkpoint import CheckpointFiles, LoadStats, load_lance_model, resolve_checkpoint
 from .generate import generate_media, media_rows, text_rows
-from .sampler import SamplerSettings
 from .sequence import build_understanding
+from .settings import DecodeSettings, GenerationSettings
+from .tasks import TaskSpec, get_task
 from .tokenizer import LanceTokenizer
 from .understand import generate_text, normalize_answer
 
@@ -72,33 +79,84 @@ class LancePipeline:
         return self._vae
 
     # ------------------------------------------------------------------------------------------------
-    # Understanding
+    # One method per task: keyword params as in a job file's `params`, task defaults for the rest
     # ------------------------------------------------------------------------------------------------
-    def x2t_image(self, images: list[np.ndarray], questions: list[str], *, preset: str = "image_768res",
-                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                  seeds: list[int] | None = None, system_prompt: str | None = None) -> list[str]:
-        """Answer `questions[i]` about `images[i]` (uint8 (H, W, 3)); one batched decode."""
-        return self._x2t(images, questions, "image", preset=preset, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, seeds=seeds, system_prompt=system_prompt)
+    def x2t_image(self, images: list[np.ndarray], questions: list[str | None], *, seeds: list[int] | None = None,
+                  **params) -> list[str]:
+        """Answer `questions[i]` about `images[i]` (uint8 (H, W, 3)); params: preset, max_new_tokens, temperature,
+        top_p, system_prompt, seed."""
+        return self._call("x2t_image", images, questions, seeds, params)
 
-    def x2t_video(self, videos: list[np.ndarray], questions: list[str], *, preset: str = "video_480p",
-                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                  seeds: list[int] | None = None, system_prompt: str | None = None) -> list[str]:
-        """Answer `questions[i]` about `videos[i]` (uint8 (T, H, W, 3), already frame-sampled)."""
-        return self._x2t(videos, questions, "video", preset=preset, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, seeds=seeds, system_prompt=system_prompt)
+    def x2t_video(self, videos: list[np.ndarray], questions: list[str | None], *, seeds: list[int] | None = None,
+                  **params) -> list[str]:
+        """Answer `questions[i]` about `videos[i]` (uint8 (T, H, W, 3), frame-sampled with
+        `sample_frame_indices`); params as x2t_image."""
+        return self._call("x2t_video", videos, questions, seeds, params)
 
-    def _x2t(self, media: list[np.ndarray], questions: list[str | None], kind: str, *, preset: str,
-             max_new_tokens: int, temperature: float, top_p: float, seeds: list[int] | None,
-             system_prompt: str | None) -> list[str]:
-        if len(media) != len(questions):
-            raise ValueError(f"{len(media)} inputs for {len(questions)} questions")
-        if not media:
+    def t2i(self, prompts: list[str], *, seeds: list[int] | None = None, max_batch_size: int | None = None,
+            **params) -> list[np.ndarray]:
+        """One uint8 (H, W, 3) image per prompt; params: height, width (floored to multiples of 16), steps,
+        shift, cfg_scale, cfg_interval, cfg_renorm_min, preset, seed."""
+        return self._call("t2i", None, prompts, seeds, params, max_batch_size)
+
+    def t2v(self, prompts: list[str], *, seeds: list[int] | None = None, max_batch_size: int | None = None,
+            **params) -> list[np.ndarray]:
+        """One uint8 (4(t-1)+1, H, W, 3) video per prompt, t = (frames - 1)//4 + 1 latent frames; params as t2i
+        plus frames."""
+        return self._call("t2v", None, prompts, seeds, params, max_batch_size)
+
+    def i2v(self, images: list[np.ndarray], prompts: list[str], *, seeds: list[int] | None = None,
+            max_batch_size: int | None = None, **params) -> list[np.ndarray]:
+        """Animate `images[i]` (uint8 (H, W, 3), the first frame) per `prompts[i]`; size = the image's bucket
+        in `preset`; params: frames and the denoising params."""
+        return self._call("i2v", images, prompts, seeds, params, max_batch_size)
+
+    def image_edit(self, images: list[np.ndarray], instructions: list[str], *, seeds: list[int] | None = None,
+                   max_batch_size: int | None = None, **params) -> list[np.ndarray]:
+        """Edit `images[i]` (uint8 (H, W, 3)) per `instructions[i]`; output size = the image's bucket."""
+        return self._call("image_edit", images, instructions, seeds, params, max_batch_size)
+
+    def video_edit(self, videos: list[np.ndarray], instructions: list[str], *, seeds: list[int] | None = None,
+                   max_batch_size: int | None = None, **params) -> list[np.ndarray]:
+        """Edit `videos[i]` (uint8 (T, H, W, 3), frame-sampled, T = 4k+1) per `instructions[i]`."""
+        return self._call("video_edit", videos, instructions, seeds, params, max_batch_size)
+
+    def _call(self, name: str, media: list[np.ndarray] | None, prompts: list, seeds: list[int] | None,
+              params: dict, max_batch_size: int | None = None) -> list:
+        task = get_task(name)
+        resolved = task.resolve_kwargs(params)
+        if seeds is None:
+            seeds = [resolved.seed] * len(prompts)  # the official script's one seed for every row
+        return self.run(task, media, prompts, seeds=seeds, settings=task.settings(resolved),
+                        max_batch_size=max_batch_size)
+
+    # ------------------------------------------------------------------------------------------------
+    # The uniform entry
+    # ------------------------------------------------------------------------------------------------
+    def run(self, task: TaskSpec, media: list[np.ndarray] | None, prompts: list, *, seeds: list[int],
+            settings: DecodeSettings | GenerationSettings, max_batch_size: int | None = None) -> list:
+        """Run `task` over rows given as parallel lists: input media (None for prompt-only tasks), prompts and
+        seeds. Returns answers (str) for understanding tasks, uint8 pixels otherwise."""
+        if len(seeds) != len(prompts) or (media is not None and len(media) != len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds and "
+                             f"{'no' if media is None else len(media)} inputs do not line up")
+        if not prompts:
             return []
+        if isinstance(settings, DecodeSettings):
+            return self._understand(media, prompts, task.input_media, seeds, settings)
+        if task.input_media is None:
+            rows = text_rows(prompts, settings.height, settings.width, settings.frames or 1, seeds)
+        else:
+            rows = media_rows(media, prompts, settings.preset, seeds, frames=settings.frames)
+        return generate_media(self.model, self.tokenizer, self.vae, task.name, rows, settings.sampler,
+                              preset=settings.preset, max_batch_size=max_batch_size)
+
+    def _understand(self, media: list[np.ndarray], questions: list[str | None], kind: str, seeds: list[int],
+                    settings: DecodeSettings) -> list[str]:
         merge = self.model.vit_cfg.spatial_merge_size
         patches, grids = [], []
         for frames in media:
-            p, grid = preprocess.vit_patches(preprocess.resize_to_bucket(frames, preset, "vit"))
+            p, grid = preprocess.vit_patches(preprocess.resize_to_bucket(frames, settings.preset, "vit"))
             patches.append(p)
             grids.append(grid)
         with torch.inference_mode():
@@ -107,64 +165,15 @@ class LancePipeline:
         counts = [t * h * w // merge**2 for t, h, w in grids]
         vit_tokens = [[chunk] for chunk in vit_out.split(counts)]
         layouts = [
-            build_understanding(self.tokenizer, q or "", [(t, h // merge, w // merge)], system_prompt=system_prompt,
-                                kind=kind, tokens_per_second=self.model.llm_cfg.tokens_per_second)
+            build_understanding(self.tokenizer, q or "", [(t, h // merge, w // merge)],
+                                system_prompt=settings.system_prompt, kind=kind,
+                                tokens_per_second=self.model.llm_cfg.tokens_per_second)
             for q, (t, h, w) in zip(questions, grids, strict=True)
         ]
         result = generate_text(self.model, layouts, vit_tokens, eos_id=self.tokenizer.special.im_end,
-                               vocab_limit=len(self.tokenizer), max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seeds=seeds)
+                               vocab_limit=len(self.tokenizer), max_new_tokens=settings.max_new_tokens,
+                               temperature=settings.temperature, top_p=settings.top_p, seeds=seeds)
         return [normalize_answer(self.tokenizer.decode(ids)) for ids in result.ids]
 
-    # ------------------------------------------------------------------------------------------------
-    # Generation and editing (generate.py); `max_batch_size` caps the rows denoised together
-    # ------------------------------------------------------------------------------------------------
-    def t2i(self, prompts: list[str], *, height: int = 768, width: int = 768, steps: int = 30, shift: float = 3.5,
-            cfg_scale: float = 4.0, cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0,
-            seeds: list[int] | None = None, max_batch_size: int | None = None) -> list[np.ndarray]:
-        """One uint8 (H, W, 3) image per prompt; H, W = the request floored to multiples of 16."""
-        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
-        return generate_media(self.model, self.tokenizer, self.vae, "t2i", text_rows(prompts, height, width, 1, seeds),
-                              settings, max_batch_size=max_batch_size)
-
-    def t2v(self, prompts: list[str], *, height: int = 768, width: int = 768, frames: int = 50, steps: int = 30,
-            shift: float = 3.5, cfg_scale: float = 4.0, cfg_interval: tuple[float, float] = (0.4, 1.0),
-            cfg_renorm_min: float = 0.0, seeds: list[int] | None = None,
-            max_batch_size: int | None = None) -> list[np.ndarray]:
-        """One uint8 (4(t-1)+1, H, W, 3) video per prompt, t = (frames - 1)//4 + 1 latent frames."""
-        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
-        rows = text_rows(prompts, height, width, frames, seeds)
-        return generate_media(self.model, self.tokenizer, self.vae, "t2v", rows, settings,
-                              max_batch_size=max_batch_size)
-
-    def i2v(self, images: list[np.ndarray], prompts: list[str], *, preset: str = "video_480p", frames: int = 50,
-            steps: int = 30, shift: float = 3.5, cfg_scale: float = 4.0,
-            cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0,
-            seeds: list[int] | None = None, max_batch_size: int | None = None) -> list[np.ndarray]:
-        """Animate `images[i]` (uint8 (H, W, 3), the first frame) per `prompts[i]`; size = the image's bucket."""
-        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
-        rows = media_rows(images, prompts, preset, seeds, frames=frames)
-        return generate_media(self.model, self.tokenizer, self.vae, "i2v", rows, settings, preset=preset,
-                              max_batch_size=max_batch_size)
-
-    def image_edit(self, images: list[np.ndarray], instructions: list[str], *, preset: str = "image_768res",
-                   steps: int = 30, shift: float = 3.5, cfg_scale: float = 4.0,
-                   cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0,
-                   seeds: list[int] | None = None, max_batch_size: int | None = None) -> list[np.ndarray]:
-        """Edit `images[i]` (uint8 (H, W, 3)) per `instructions[i]`; output size = the image's bucket."""
-        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
-        rows = media_rows(images, instructions, preset, seeds)
-        return generate_media(self.model, self.tokenizer, self.vae, "image_edit", rows, settings, preset=preset,
-                              max_batch_size=max_batch_size)
-
-    def video_edit(self, videos: list[np.ndarray], instructions: list[str], *, preset: str = "video_480p",
-                   steps: int = 30, shift: float = 3.5, cfg_scale: float = 4.0,
-                   cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0,
-                   seeds: list[int] | None = None, max_batch_size: int | None = None) -> list[np.ndarray]:
-        """Edit `videos[i]` (uint8 (T, H, W, 3), frame-sampled, T = 4k+1) per `instructions[i]`."""
-        settings = SamplerSettings(steps, shift, cfg_scale, tuple(cfg_interval), cfg_renorm_min)
-        rows = media_rows(videos, instructions, preset, seeds)
-        return generate_media(self.model, self.tokenizer, self.vae, "video_edit", rows, settings, preset=preset,
-                              max_batch_size=max_batch_size)
 
 __all__ = ["LancePipeline", "LoadStats", "resolve_device"]

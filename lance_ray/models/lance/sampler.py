@@ -25,36 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .settings import SamplerSettings
+
 LATENT_CHANNELS = 48
 # Added to the CFG norm in the renorm ratio to avoid 0/0 (reference constant).
 _RENORM_EPS = 1e-8
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """Denoising parameters shared by every sample of a batch (reference defaults)."""
-
-    steps: int = 30
-    shift: float = 3.5
-    cfg_scale: float = 4.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_min: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
-        lo, hi = self.cfg_interval
-        if lo > hi:
-            raise ValueError(f"cfg_interval must be (low, high) with low <= high, got {self.cfg_interval}")
-        # Normalise lists (from YAML/JSON) to a tuple so settings stay hashable.
-        object.__setattr__(self, "cfg_interval", (float(lo), float(hi)))
-
-    @property
-    def uses_cfg(self) -> bool:
-        """Whether any step needs the unconditional branch (and hence its KV cache)."""
-        return any(cfg_steps(self))
 
 
 def schedule_sigmas(steps: int, shift: float) -> torch.Tensor:

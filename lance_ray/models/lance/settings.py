@@ -1,7 +1,7 @@
 """What the model takes besides prompts, media and seeds: one frozen settings object per kind of task.
 
 These are plain values, importable without torch. They carry no defaults and do no validation: the
-task registry (`lance_ray.spec.tasks`) owns every default and builds them from parameters the job
+task registry (`lance_ray.models.lance.tasks`) owns every default and builds them from parameters the job
 spec (or the Python API, through the same spec) has already validated.
 """
 

@@ -96,9 +96,8 @@ class DecodeStep:
 
 @torch.inference_mode()
 def generate_text(model: LanceModel, layouts: list[UnderstandingLayout], vit_tokens: list[list[torch.Tensor]], *,
-                  eos_id: int, vocab_limit: int, max_new_tokens: int = 256, temperature: float = 0.0,
-                  top_p: float = 1.0, seeds: list[int] | None = None,
-                  cuda_graph: bool | None = None) -> DecodeResult:
+                  eos_id: int, vocab_limit: int, max_new_tokens: int, temperature: float, top_p: float,
+                  seeds: list[int], cuda_graph: bool | None = None) -> DecodeResult:
     """Decode answers for B prompts.  vit_tokens[b] holds the ViT outputs of sample b's visuals.
 
     temperature 0 = greedy (the official default); otherwise sampling with a per-sample generator seeded
@@ -122,7 +121,6 @@ def generate_text(model: LanceModel, layouts: list[UnderstandingLayout], vit_tok
     tokens = torch.tensor([int(lay.prompt_ids[-1]) for lay in layouts], device=device)
     step_pos = torch.tensor([int(lay.position_ids[0, -1]) for lay in layouts], device=device)
     if temperature > 0:
-        seeds = seeds if seeds is not None else [0] * B
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     step_fn = DecodeStep(llm, cache, vocab_limit, device.type == "cuda" if cuda_graph is None else cuda_graph)
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)

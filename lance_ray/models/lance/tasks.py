@@ -1,0 +1,188 @@
+"""The seven Lance tasks, one `TaskSpec` each: the one home of every fact about a task.
+
+This is the model's own vocabulary (torch-free, like presets.py and settings.py beside it): what
+Lance can do, with the official script's defaults. It lives in the model package so that
+`LancePipeline` takes its defaults from it without importing anything above the model.
+
+A TaskSpec says which checkpoint family serves the task, what a row must bring (input media, a
+prompt) and what the task writes, which params it reads and their defaults (the ONLY copy of every
+default in the project), the planner's batch size and cost, and how validated params become the
+settings object the model takes. Every other layer reads it: the job spec validates against it, the
+JSON Schema and specs/README.md tables are generated from it, the planner, the sources, the worker
+and `LancePipeline`'s friendly methods all go through it.
+
+Adding a task = one TaskSpec here + its `LancePipeline` method (named like the task) + its token
+layout in `sequence.py` (ARCHITECTURE.md walks through an example).
+
+Importable without torch or ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from .params import Params
+from .presets import PRESETS, SIZE_MULTIPLE, Family
+from .settings import DecodeSettings, GenerationSettings, SamplerSettings
+
+MediaKind = Literal["image", "video"]
+OutputKind = Literal["text", "image", "video"]
+# What users call a row's text, by task; an input table may hold it under any of these names.
+PROMPT_COLUMNS = ("prompt", "instruction", "question")
+
+# Defaults of the official inference script (`inference_lance.sh` and its config dataclasses).
+_SEEDING = {"seed": 42, "seed_mode": "per_row"}
+_DENOISING = {"steps": 30, "shift": 3.5, "cfg_scale": 4.0, "cfg_interval": [0.4, 1.0], "cfg_renorm_min": 0.0}
+_DECODING = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "system_prompt": None}
+# The official NUM_FRAMES is 50: 13 latent frames, which decode to 49 frames. We name the 49 the
+# output has (50 and 49 give the same video).
+_VIDEO_OUT = {"frames": 49, "fps": 12}
+# `height`/`width` default to the preset's output size (`Preset.output_size`), hence None here.
+_SIZE = {"height": None, "width": None}
+
+
+def floor_to_multiple(pixels: int) -> int:
+    """An output side as the model makes it: floored to a multiple of 16 (one latent = 16 pixels)."""
+    return pixels // SIZE_MULTIPLE * SIZE_MULTIPLE
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """GPU seconds per row, measured at a reference shape on an H100 (benchmarks/README.md), scaled
+    linearly by how much more work a row's params ask for: denoising steps x latent tokens for
+    generation, new tokens for understanding. A rough guide for `lance-ray plan`, not a promise."""
+
+    seconds: float  # one row at the reference params, at the task's default batch
+    reference: Mapping[str, int] = field(default_factory=dict)  # the params `seconds` was measured at
+
+    def seconds_per_row(self, params: Params) -> float:
+        scale = 1.0
+        for name, ref in self.reference.items():
+            value = getattr(params, name)
+            if isinstance(value, int) and value > 0:
+                scale *= value / ref
+        return self.seconds * scale
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    family: Family  # which checkpoint serves it (image: Lance_3B, video: Lance_3B_Video)
+    input_media: MediaKind | None  # what a row must bring besides text (None: prompt only)
+    output: OutputKind  # what it writes: a caption/answer, a PNG, or a video
+    prompt_required: bool  # captions and answers may go without a question
+    prompt_name: str  # what users call the row's text: prompt | instruction | question
+    defaults: Mapping[str, Any]  # params it reads -> default (None: derived, or absent by default)
+    batch_size: int  # rows per model call when the step does not say
+    cost: CostModel
+    multi_turn: bool = False  # `turns:` chains instructions, each on the previous turn's result
+    summary: str = ""  # one line for docs
+
+    @property
+    def params(self) -> frozenset[str]:
+        """Names of the params this task reads."""
+        return frozenset(self.defaults)
+
+    @property
+    def carries(self) -> frozenset[MediaKind]:
+        """Media a row of this task's output offers a `from_step` reader: what it generated, plus the
+        input media it copies through (a caption row still points at its image)."""
+        kinds = {self.input_media, None if self.output == "text" else self.output}
+        return frozenset(k for k in kinds if k is not None)
+
+    def resolve(self, *layers: Params) -> Params:
+        """Effective params: the first layer that sets a param wins (step, then job defaults), else the
+        task default; only the params this task reads. The output size comes from the preset when unset
+        and is floored to multiples of 16 (the official rule), so the params record the size used."""
+        values: dict[str, Any] = {}
+        for name, default in self.defaults.items():
+            values[name] = next((v for layer in layers if (v := getattr(layer, name)) is not None), default)
+        if "height" in values:
+            height, width = PRESETS[values["preset"]].output_size
+            values["height"] = floor_to_multiple(values["height"] or height)
+            values["width"] = floor_to_multiple(values["width"] or width)
+        return Params(**values)
+
+    def resolve_kwargs(self, kwargs: Mapping[str, Any]) -> Params:
+        """Params given as Python keyword arguments (the `LancePipeline` methods): validated by `Params`
+        (lax: a tuple for `cfg_interval` or an int for a float is fine), then `resolve`d."""
+        unknown = sorted(set(kwargs) - self.params)
+        if unknown:
+            raise TypeError(f"{self.name} does not read {', '.join(unknown)} "
+                            f"(it reads: {', '.join(sorted(self.params))})")
+        return self.resolve(Params.model_validate(kwargs, strict=False))
+
+    def settings_for(self, **kwargs: Any) -> DecodeSettings | GenerationSettings:
+        """Settings from keyword params, task defaults for the rest: `TASKS["t2i"].settings_for(steps=8)`."""
+        return self.settings(self.resolve_kwargs(kwargs))
+
+    def settings(self, params: Params) -> DecodeSettings | GenerationSettings:
+        """The settings object the model takes, from params already resolved by `resolve`."""
+        if self.output == "text":
+            return DecodeSettings(
+                preset=params.preset,
+                max_new_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                system_prompt=params.system_prompt,
+            )
+        sampler = SamplerSettings(
+            steps=params.steps,
+            shift=params.shift,
+            cfg_scale=params.cfg_scale,
+            cfg_interval=(params.cfg_interval[0], params.cfg_interval[1]),
+            cfg_renorm_min=params.cfg_renorm_min,
+        )
+        return GenerationSettings(sampler, params.preset, params.height, params.width, params.frames)
+
+
+def _task(name: str, family: Family, input_media: MediaKind | None, output: OutputKind, *,
+          defaults: dict[str, Any], batch_size: int, cost: CostModel, prompt_name: str = "prompt",
+          prompt_required: bool = True, multi_turn: bool = False, summary: str = "") -> TaskSpec:
+    preset = "image_768res" if family == "image" else "video_480p"
+    return TaskSpec(name, family, input_media, output, prompt_required, prompt_name,
+                    MappingProxyType({**_SEEDING, "preset": preset, **defaults}), batch_size, cost,
+                    multi_turn, summary)
+
+
+# Costs: benchmarks/README.md (H100, bf16): captions of 128 tokens at batch 32, t2i 768² and edits at
+# batch 4, video tasks at 49 frames 480p, all at 30 steps.
+_PER_STEP = {"steps": 30}
+_CAPTION = {"max_new_tokens": 128}
+TASKS: Mapping[str, TaskSpec] = MappingProxyType({t.name: t for t in (
+    _task("t2i", "image", None, "image", defaults={**_DENOISING, **_SIZE}, batch_size=4,
+          cost=CostModel(2.05, {**_PER_STEP, "height": 768, "width": 768}), summary="text to image"),
+    _task("image_edit", "image", "image", "image", defaults=_DENOISING, batch_size=4,
+          cost=CostModel(2.5, _PER_STEP), prompt_name="instruction", multi_turn=True,
+          summary="edit an image by an instruction"),
+    _task("x2t_image", "image", "image", "text", defaults=_DECODING, batch_size=32,
+          cost=CostModel(0.09, _CAPTION), prompt_name="question", prompt_required=False,
+          summary="caption an image or answer a question about it"),
+    _task("t2v", "video", None, "video", defaults={**_DENOISING, **_SIZE, **_VIDEO_OUT}, batch_size=1,
+          cost=CostModel(28.2, {**_PER_STEP, "frames": 49, "height": 480, "width": 848}),
+          summary="text to video"),
+    _task("i2v", "video", "image", "video", defaults={**_DENOISING, **_VIDEO_OUT}, batch_size=1,
+          cost=CostModel(28.2, {**_PER_STEP, "frames": 49}), summary="animate an image (its first frame)"),
+    _task("video_edit", "video", "video", "video", defaults={**_DENOISING, "fps": _VIDEO_OUT["fps"]},
+          batch_size=1, cost=CostModel(51.3, _PER_STEP), prompt_name="instruction", multi_turn=True,
+          summary="edit a video by an instruction"),
+    _task("x2t_video", "video", "video", "text", defaults=_DECODING, batch_size=4,
+          cost=CostModel(2.0, _CAPTION), prompt_name="question", prompt_required=False,
+          summary="caption a video or answer a question about it"),
+)})
+TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+FAMILIES: tuple[Family, ...] = ("image", "video")
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASK_NAMES)}") from None
+
+
+def tasks_of(family: str) -> tuple[TaskSpec, ...]:
+    return tuple(t for t in TASKS.values() if t.family == family)

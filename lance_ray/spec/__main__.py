@@ -1,3 +1,0 @@
-from lance_ray.spec import main
-
-raise SystemExit(main())

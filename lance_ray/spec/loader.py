@@ -1,0 +1,216 @@
+"""Loading a job file: YAML with positions → validated `Job`, or every problem as `file:line:col`.
+
+One pass, three sources of problems, all reported together in file order:
+1. `yaml_positions.load_yaml`: YAML syntax, duplicate keys, `${ENV}` references;
+2. pydantic: unknown keys, types, single-field rules (ranges, cron, timezone, templates);
+3. `checks.job_problems`: rules that relate fields, on the same raw document (skipping any value
+   pydantic already rejected, so one mistake is reported once).
+`JobSpecError` carries the list; its `str()` is one `file:line:col: message` line per problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import BaseModel, ValidationError
+
+from lance_ray.errors import JobFileError
+from lance_ray.spec.checks import job_problems
+from lance_ray.spec.models import Job, is_uri
+from lance_ray.spec.yaml_positions import PositionMap, load_yaml
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    file: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+
+
+class JobSpecError(JobFileError):
+    """A job file with problems; `problems` lists all of them, in file order."""
+
+    def __init__(self, problems: Iterable[SpecProblem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.file, p.line, p.col))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray and multiprocessing pickle exceptions; rebuild from the problems, not the message.
+        return (JobSpecError, (self.problems,))
+
+
+def load_job(path: str | Path, env: Mapping[str, str] | None = None, *, check_paths: bool = False) -> Job:
+    """Load and validate a job file; relative paths in it are resolved against its directory.
+
+    `check_paths` also reports local input paths that do not exist on this machine (the CLI's
+    validate/plan/run turn it on; a file can be valid where its inputs are not yet present).
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise JobSpecError([SpecProblem(str(path), 1, 1, f"cannot read job file: {err}")]) from None
+    job = load_job_text(text, str(path), file.resolve().parent, env, check_paths=check_paths)
+    job._source_path = str(file.resolve())
+    return job
+
+
+def load_job_text(
+    text: str,
+    filename: str = "<job>",
+    base_dir: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    check_paths: bool = False,
+) -> Job:
+    """Like `load_job` for text; `filename` is used in messages, `base_dir` for relative paths (default: cwd)."""
+    loaded = load_yaml(text, os.environ if env is None else env)
+    positions = loaded.positions
+
+    def problem(loc: tuple[Any, ...], message: str, *, at_key: bool = False) -> SpecProblem:
+        mark = positions.locate(loc, at_key=at_key)
+        return SpecProblem(filename, mark.line, mark.col, message)
+
+    yaml_problems = [SpecProblem(filename, m.line, m.col, msg) for m, msg in loaded.problems]
+    if loaded.data is None:
+        raise JobSpecError(yaml_problems)
+    context = {"base_dir": os.path.abspath(base_dir or os.getcwd()), "checked_by_loader": True}
+    problems: list[SpecProblem] = []
+    rejected: list[tuple[Any, ...]] = []  # locations of values pydantic rejected
+    job: Job | None = None
+    try:
+        job = Job.model_validate(loaded.data, context=context)
+    except ValidationError as err:
+        for e in err.errors(include_url=False):
+            problems.append(_pydantic_problem(e, positions, problem))
+            rejected.append(tuple(e["loc"]))
+    for p in job_problems(loaded.data):
+        if not _overlaps(p.path, rejected):  # checks that involve a rejected value would only echo it
+            problems.append(
+                problem(p.path, f"{_dotted(positions.resolve(p.path))}: {p.message}", at_key=p.at_key)
+            )
+    if job is not None and check_paths:
+        problems += [problem(loc, message) for loc, message in _missing_inputs(job, loaded.data)]
+    # A value the loader already flagged (an unset ${VAR}) is garbage: say nothing more about it.
+    flagged = {(p.line, p.col) for p in yaml_problems}
+    problems = yaml_problems + [p for p in problems if (p.line, p.col) not in flagged]
+    if problems or job is None:
+        raise JobSpecError(dict.fromkeys(problems))
+    return job
+
+
+def _missing_inputs(job: Job, data: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """Local input paths that do not exist and globs that match nothing, before any work starts.
+
+    URIs (s3://, ...) are checked when the run lists them; model directories are not checked here,
+    as a job submitted to a cluster may name a directory that exists only there.
+    """
+    found = []
+    for i, step in enumerate(job.steps):
+        raw = data["steps"][i]["input"].get("path")
+        for j, path in enumerate(step.input.path or []):
+            if is_uri(path):
+                continue
+            loc = ("steps", i, "input", "path", j) if isinstance(raw, list) else ("steps", i, "input", "path")
+            if glob.has_magic(path):
+                if not glob.glob(path, recursive=True):
+                    found.append((loc, f"steps[{i}].input.path: {path} matches no files"))
+            elif not os.path.exists(path):
+                found.append((loc, f"steps[{i}].input.path: no such file or directory: {path}"))
+    return found
+
+
+def _overlaps(path: tuple[Any, ...], dropped: list[tuple[Any, ...]]) -> bool:
+    """Whether `path` contains, or lies inside, one of the dropped locations."""
+    return any(path[: len(loc)] == loc[: len(path)] for loc in dropped)
+
+
+def _pydantic_problem(error: Any, positions: PositionMap, problem: Any) -> SpecProblem:
+    loc: tuple[Any, ...] = tuple(error["loc"])
+    kind = error["type"]
+    # An unknown or missing key is a problem of the mapping that holds it.
+    where = _dotted(positions.resolve(loc[:-1] if kind in ("missing", "extra_forbidden") else loc))
+    prefix = f"{where}: " if where else ""
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        hint = _did_you_mean(str(key), _allowed_keys(loc[:-1]))
+        return problem(loc, f"{prefix}unknown key '{key}'{hint}", at_key=True)
+    if kind == "missing":
+        return problem(loc[:-1], f"{prefix}missing required key '{loc[-1]}'")
+    value = error.get("input")
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        what = "task" if loc and loc[-1] == "task" else "value"
+        return problem(loc, f"{prefix}unknown {what} {value!r}; expected one of {expected}")
+    if kind == "value_error":  # our own validators: the message already says what was wrong
+        return problem(loc, prefix + error["msg"].removeprefix("Value error, "))
+    message = _TYPE_MESSAGES.get(kind, error["msg"])
+    if kind == "list_type" and loc and loc[-1] == "path":
+        message = "expected a path or a list of paths"
+    if value is None or isinstance(value, (str, int, float, bool)):
+        message += f" (got {value!r})"
+    return problem(loc, prefix + message)
+
+
+# pydantic's wording names our classes ("instance of InputSpec"); say it in YAML terms.
+_TYPE_MESSAGES = {
+    "model_type": "expected a mapping",
+    "dict_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "list_type": "expected a list",
+    "string_type": "expected a string",
+    "int_type": "expected an integer",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+}
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model at `loc` in a Job (for 'did you mean' hints)."""
+    model: Any = Job
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; allowed: {', '.join(allowed)}" if allowed else ""
+
+
