@@ -44,6 +44,7 @@ from pydantic import (
     model_validator,
 )
 
+from lance_ray.errors import JobFileError
 from lance_ray.spec.yaml_positions import PositionMap, load_yaml
 
 # ---------------------------------------------------------------------------------------------
@@ -799,7 +800,7 @@ class SpecProblem:
         return f"{self.file}:{self.line}:{self.col}: {self.message}"
 
 
-class JobSpecError(Exception):
+class JobSpecError(JobFileError):
     """A job file with problems; `problems` lists all of them, in file order."""
 
     def __init__(self, problems: Iterable[SpecProblem]) -> None:
