@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import signal
@@ -62,18 +64,104 @@ def test_missing_local_inputs_fail_before_any_work(tmp_path: Path, capsys: pytes
         assert len(err) == 2  # the s3:// URI is listed when the run reads it, not here
 
 
-def test_missing_checkpoint_directory_fails_before_ray_starts(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_missing_checkpoint_directory_fails_before_ray_starts(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("name: nomodel\nmodels: {image: {source: ./no/such/checkpoint}}\n"
                    "steps:\n  - {name: a, task: t2i, input: {rows: [{prompt: x}]}}\n")
-    assert main(["run", str(job), "--no-progress"]) == 3
-    assert "no checkpoint directory at" in capsys.readouterr().err
+    # A subprocess, as a user runs it: pytest's own log handlers would swallow the -v traceback.
+    quiet = subprocess.run([sys.executable, "-m", "lance_ray.cli", "run", str(job), "--no-progress"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 3
+    (line,) = [line for line in quiet.stderr.splitlines() if "no checkpoint directory at" in line]
+    assert line.startswith("lance-ray run: failed: ")
+    assert "Traceback" not in quiet.stderr
+    verbose = subprocess.run([sys.executable, "-m", "lance_ray.cli", "-v", "run", str(job), "--no-progress"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert verbose.returncode == 3 and "Traceback" in verbose.stderr
 
 
 def test_missing_job_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+BAD_JOB = "name: bad\nsteps:\n  - name: a\n    task: t3i\n    input: {rows: [{prompt: x}]}\n"
+
+
+@pytest.mark.parametrize("command", [
+    ["validate"], ["plan"], ["run"],
+    # Nothing listens at port 9: a bad job file must fail before any network, with 2, not 4.
+    ["submit", "--address", "http://127.0.0.1:9"],
+    ["schedule", "--once", "--address", "http://127.0.0.1:9"],
+])
+def test_bad_job_file_exits_2_in_every_command(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               command: list[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_JOB)
+    history = tmp_path / "history.sqlite"
+    argv = [command[0], str(bad), *command[1:]]
+    if command[0] == "schedule":
+        argv += ["--history", str(history)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{bad}:4:11: ") and "t3i" in err[0]
+    assert not history.exists()
+
+
+def test_help_describes_lance_ray_every_command_and_every_exit_code(capsys: pytest.CaptureFixture) -> None:
+    from lance_ray.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    assert "ByteDance's Lance model" in top
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = {"validate", "plan", "run", "tiny-checkpoint", "submit", "status", "logs", "stop", "list",
+                "schedule"}
+    assert set(subparsers.choices) == commands
+    for line in ("0    success", "1    the run finished but some rows failed", "2    bad job file",
+                 "3    the run itself failed", "4    a Ray cluster", "130  interrupted"):
+        assert line in top
+    one_line_helps = {action.dest: action.help for action in subparsers._choices_actions}
+    for name, parser in subparsers.choices.items():
+        assert one_line_helps[name] and "\n" not in one_line_helps[name], name
+        assert f"{name} {one_line_helps[name]}" in " ".join(top.split())  # listed in the top-level help
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        shown = capsys.readouterr().out
+        description = " ".join(parser.description.split())
+        assert len(description) > len(one_line_helps[name]), name  # says more than the one-liner
+        assert description in " ".join(shown.split()), name
+        if name in ("run", "submit"):
+            assert "exit status:" in shown and "130  interrupted" in shown, name
+
+
+def test_errors_map_to_exit_codes_in_one_table(capsys: pytest.CaptureFixture) -> None:
+    from lance_ray.cli.exit_codes import run_command
+    from lance_ray.errors import ClusterError, InputError, JobFileError, LanceRayError, RunError
+
+    def failing(error: BaseException):
+        def command(args: argparse.Namespace) -> int:
+            raise error
+        return command
+
+    cases = [
+        (JobFileError("job.yaml:3:7: no such task"), 2, "job.yaml:3:7: no such task"),
+        (InputError("job.yaml: nothing matched"), 2, "job.yaml: nothing matched"),
+        (ClusterError("cannot reach http://h:8265"), 4, "lance-ray demo: cannot reach http://h:8265"),
+        (RunError("group image died"), 3, "lance-ray demo: failed: RunError: group image died"),
+        (LanceRayError("odd"), 3, "lance-ray demo: failed: LanceRayError: odd"),
+        (ZeroDivisionError("division by zero"), 3,
+         "lance-ray demo: failed: ZeroDivisionError: division by zero"),
+        (KeyboardInterrupt(), 130, "lance-ray demo: interrupted; rows committed so far are kept"),
+        (KeyboardInterrupt("the run goes on"), 130, "lance-ray demo: interrupted; the run goes on"),
+    ]
+    for error, code, message in cases:
+        assert run_command("demo", failing(error), argparse.Namespace()) == code, error
+        assert capsys.readouterr().err.splitlines() == [message]
+    assert run_command("demo", lambda args: 1, argparse.Namespace()) == 1  # rows failed: returned, not raised
 
 
 def _write_job(tmp_path: Path, rows: int, extra_rows: str = "") -> Path:
@@ -142,6 +230,33 @@ def test_killed_run_resumes_to_exactly_once(tmp_path: Path) -> None:
     media = list((out_dir / "media").glob("*.png"))
     assert len(media) == rows
     assert not list(out_dir.rglob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_one_line_and_keeps_committed_rows(tmp_path: Path) -> None:
+    job = _write_job(tmp_path, 400)
+    out_dir = tmp_path / "out" / "gen"
+    # Ctrl-C in a terminal signals the whole foreground process group (the driver and the local Ray
+    # it started); a session of its own gives the run such a group, apart from pytest's.
+    proc = subprocess.Popen([sys.executable, "-m", "lance_ray.cli", "run", str(job), "--no-progress"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not list(out_dir.glob("part-*.parquet")):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever of the local Ray outlived the driver
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        "lance-ray run: interrupted; rows committed so far are kept"
+    ]
+    assert SUMMARY_PREFIX not in out  # it stopped; no summary of a finished run
+    assert 0 < len(committed_row_ids(str(out_dir))) < 400
 
 
 @pytest.mark.usefixtures("ray_local")

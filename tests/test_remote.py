@@ -29,14 +29,18 @@ import yaml
 from conftest import REPO_ROOT, free_port
 
 from lance_ray.cli import main
+from lance_ray.cli.exit_codes import exit_code_for_error
+from lance_ray.cli.remote import finished_run_outcome
 from lance_ray.cluster.remote import (
     JOB_TAG,
+    ClusterUnreachable,
     RemoteCluster,
     RunInfo,
     StagingError,
-    exit_code_for,
+    UnknownSubmission,
     stage_job,
 )
+from lance_ray.errors import LanceRayError
 from lance_ray.pipeline.sinks import read_step_output
 from lance_ray.pipeline.sources import open_source
 from lance_ray.spec import load_job
@@ -220,22 +224,38 @@ def test_stage_job_refuses_inputs_over_the_limit(tmp_path):
 
 
 def test_exit_code_follows_the_run():
-    def info(status: str, driver_exit_code: int | None) -> RunInfo:
-        return RunInfo("id", status, "j", "lance-ray run j.yaml", None, None, None, {}, {}, driver_exit_code)
+    def exit_code(status: str, driver_exit_code: int | None) -> int:
+        info = RunInfo("id", status, "j", "lance-ray run j.yaml", None, None, None, {}, {}, driver_exit_code)
+        try:
+            return finished_run_outcome(info)
+        except LanceRayError as error:  # a failed run is raised, and exits through the one table
+            return exit_code_for_error(error)
 
-    assert exit_code_for(info("SUCCEEDED", 0)) == 0
-    assert exit_code_for(info("FAILED", 1)) == 1  # `lance-ray run`: some rows failed
-    assert exit_code_for(info("FAILED", 2)) == 2  # bad job file on the cluster
-    assert exit_code_for(info("FAILED", None)) == 3  # the driver never ran (e.g. runtime env setup failed)
-    assert exit_code_for(info("STOPPED", None)) == 3
+    assert exit_code("SUCCEEDED", 0) == 0
+    assert exit_code("FAILED", 1) == 1  # `lance-ray run`: some rows failed
+    assert exit_code("FAILED", 2) == 2  # bad job file on the cluster
+    assert exit_code("FAILED", 3) == 3  # the run itself failed
+    assert exit_code("FAILED", 4) == 4  # the job could not use the cluster's Ray
+    assert exit_code("FAILED", None) == 3  # the driver never ran (e.g. runtime env setup failed)
+    assert exit_code("STOPPED", None) == 3
 
 
-def test_unreachable_address_is_a_clear_error(tmp_path, capsys, monkeypatch):
+def test_unreachable_address_exits_4(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SECRET_WORD", "x")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # it would override --address in Ray's SDK
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     job = make_project(tmp_path)
-    assert main(["submit", str(job), "--address", "http://127.0.0.1:9"]) == 2
-    assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
-    assert main(["list", "--address", "http://127.0.0.1:9"]) == 2
+    nothing_listens = f"http://127.0.0.1:{free_port()}"
+    assert main(["submit", str(job), "--address", nothing_listens]) == 4
+    (line,) = capsys.readouterr().err.splitlines()[-1:]
+    assert line.startswith(f"lance-ray submit: cannot reach the Ray Jobs API at {nothing_listens}")
+    for command in (["status"], ["status", "raysubmit_x"], ["logs", "raysubmit_x"], ["stop", "raysubmit_x"],
+                    ["list"]):
+        assert main([*command, "--address", nothing_listens]) == 4, command
+        err = capsys.readouterr().err
+        assert f"cannot reach the Ray Jobs API at {nothing_listens}" in err and "Traceback" not in err
+    with pytest.raises(ClusterUnreachable):
+        RemoteCluster(nothing_listens)
 
 
 def test_env_from_local_must_be_set(tmp_path, capsys, monkeypatch):
@@ -329,6 +349,20 @@ def test_status_logs_stop_on_a_long_running_job(jobs_head, capsys):
     assert main(["logs", submission_id, "--address", jobs_head, "--follow"]) == 3  # ended, not succeeded
     assert main(["stop", submission_id, "--address", jobs_head]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+def test_unknown_submission_id_exits_4(jobs_head, capsys):
+    cluster = RemoteCluster(jobs_head)
+    unknown = "raysubmit_doesnotexist"
+    assert cluster.info(unknown) is None  # the scheduler relies on this to decide whether to submit
+    for call in (cluster.logs, cluster.stop, lambda sid: cluster.follow(sid, sys.stdout)):
+        with pytest.raises(UnknownSubmission):
+            call(unknown)
+    for command in (["status", unknown], ["logs", unknown], ["logs", unknown, "--follow"], ["stop", unknown]):
+        assert main([*command, "--address", jobs_head]) == 4, command
+        assert capsys.readouterr().err.splitlines() == [
+            f"lance-ray {command[0]}: the Ray cluster at {jobs_head} has no submission {unknown}"
+        ]
 
 
 def test_scheduler_submits_a_real_run(jobs_head, tmp_path):

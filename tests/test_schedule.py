@@ -332,7 +332,7 @@ def test_unreachable_address_fails_without_touching_history(tmp_path, capsys):
     job = write_job(tmp_path, '{cron: "0 2 * * *"}')
     history = tmp_path / "history.sqlite"
     rc = main(["schedule", str(job), "--once", "--history", str(history), "--address", "http://127.0.0.1:9"])
-    assert rc == 2
+    assert rc == 4
     assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
     assert not history.exists()
 

@@ -1,12 +1,13 @@
 """Run job files on an existing Ray cluster through Ray's Job Submission API.
 
-    lance-ray submit job.yaml --address http://HEAD:8265 [--follow]
-    lance-ray status [ID] | logs ID [--follow] | stop ID | list
+This is the library behind `lance-ray submit / status / logs / stop / list` (lance_ray/cli/remote.py).
+It raises `lance_ray.errors` types: ClusterError (and its subclasses here) when the cluster cannot
+be reached or refuses a request, JobFileError (StagingError) when the job cannot travel.
 
 `submit` stages the job file and the local files it reads into a fresh directory that travels as
 the job's `working_dir` (at most 100 MB; anything bigger belongs on S3), then runs
 `lance-ray run <job file>` on the cluster. The cluster is assumed to have lance-ray installed (the
-image or `cluster.yaml`'s setup commands); `--pip` installs it into the job's runtime env instead.
+image or `cluster.yaml`'s setup commands); SubmitOptions.pip installs it into the job's runtime env.
 
 What changes in the staged copy of the job file:
 * local inputs (files, folders, globs, and media that tables reference) are copied, keeping their
@@ -17,30 +18,31 @@ What changes in the staged copy of the job file:
   expanded on the cluster, from the cluster's environment;
 * the `ray:` block is dropped: the job connects to the cluster it was submitted to.
 
-Credentials are never written into the staged files. `--env-from-local NAME` forwards one variable
-from this shell to the job's environment (Ray's runtime env); its value is never printed.
+Credentials are never written into the staged files. SubmitOptions.env_from_local forwards
+variables from this process to the job's environment (Ray's runtime env); their values are never
+printed.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 import yaml
 
 from lance_ray import __version__
-from lance_ray.cli import EXIT_BAD_JOB, EXIT_OK, EXIT_RUN_FAILED
+from lance_ray.errors import ClusterError, JobFileError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobDetails
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 JOB_TAG = "lance_ray_job"  # metadata key that marks a submission as a lance-ray job
@@ -48,17 +50,19 @@ DEFAULT_PIP = f"lance-ray-jobs=={__version__}"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _ENV_REFERENCE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
-
-class RemoteError(Exception):
-    """Submitting or managing a remote run failed; the message says why and what to do."""
+T = TypeVar("T")
 
 
-class ClusterUnreachable(RemoteError):
-    """No Ray dashboard answered at the address (worth retrying later)."""
+class ClusterUnreachable(ClusterError):
+    """No Ray dashboard answered at the address, or the connection was lost (worth retrying later)."""
 
 
-class StagingError(RemoteError):
-    """The job's local files cannot travel with it (too big, unreadable)."""
+class UnknownSubmission(ClusterError):
+    """The cluster has no submission with this id (a typo, or the cluster was restarted)."""
+
+
+class StagingError(JobFileError):
+    """The job's local files cannot travel with it (too big, unreadable), or a forwarded variable is unset."""
 
 
 # ------------------------------------------------------------------------------------------- staging
@@ -241,7 +245,9 @@ class SubmitOptions:
         """The forwarded variables with their current values; never print the values."""
         missing = [name for name in self.env_from_local if name not in os.environ]
         if missing:
-            raise RemoteError(f"--env-from-local: not set in this environment: {', '.join(missing)}")
+            raise StagingError(
+                f"variables to forward to the job (--env-from-local) are not set here: {', '.join(missing)}"
+            )
         return {name: os.environ[name] for name in self.env_from_local}
 
 
@@ -292,14 +298,23 @@ def _auth_hint(address: str, exc: Exception) -> str:
 
 
 class RemoteCluster:
-    """A Ray cluster's Jobs API. Construction checks that the dashboard answers."""
+    """A Ray cluster's Jobs API. Construction checks that the dashboard answers.
+
+    Every method raises ClusterUnreachable when the connection fails, UnknownSubmission for a
+    submission id the cluster does not know (except `info`, which returns None), and ClusterError
+    when the cluster answers with an error.
+    """
 
     def __init__(self, address: str | None = None):
+        import aiohttp
         import requests
         from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
 
-        self._connection_errors = (ConnectionError, requests.exceptions.ConnectionError)
+        # The SDK raises the builtin ConnectionError from its version check, requests' own for
+        # later calls, and aiohttp's from the log stream (`follow`).
+        self._connection_errors = (ConnectionError, requests.exceptions.ConnectionError,
+                                   aiohttp.ClientConnectionError)
         self._auth_error = AuthenticationError
         where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "auto"
         try:
@@ -310,18 +325,41 @@ class RemoteCluster:
                 "cluster, e.g. --address http://HEAD:8265 (`ray dashboard cluster.yaml` forwards it locally)"
             ) from None
         except AuthenticationError as exc:
-            raise RemoteError(_auth_hint(where, exc)) from None
-        except (ValueError, RuntimeError) as exc:
-            raise RemoteError(f"cannot use the Ray Jobs API at {where}: {exc}") from None
+            raise ClusterError(_auth_hint(where, exc)) from None
+        except (ValueError, RuntimeError) as exc:  # not a Ray dashboard, or a Ray too old for the Jobs API
+            raise ClusterError(f"cannot use the Ray Jobs API at {where}: {exc}") from None
         self.address = where
 
-    def _call(self, method, *args):
+    def _call(self, method: Callable[..., T], *args: object) -> T:
+        """Calls the SDK, turning lost connections and refused tokens into our errors."""
         try:
             return method(*args)
         except self._connection_errors as exc:
             raise ClusterUnreachable(f"lost the Ray Jobs API at {self.address}: {exc}") from None
         except self._auth_error as exc:
-            raise RemoteError(_auth_hint(self.address, exc)) from None
+            raise ClusterError(_auth_hint(self.address, exc)) from None
+
+    def _knows(self, submission_id: str) -> bool:
+        """Whether the cluster has a job with this submission id (or Ray job id).
+
+        The SDK answers every failed request with a bare RuntimeError whose only clue is its text
+        ("Request failed with status code 404: Job … does not exist."), so the error cannot tell an
+        unknown id from a server-side failure without parsing prose. The cluster's job list can: it
+        is typed data (JobDetails) from the same job table that get_job_info, get_job_logs and
+        stop_job look ids up in, and it accepts both kinds of id as they do. Only the failure path
+        pays for the listing.
+        """
+        try:
+            jobs = self._call(self.client.list_jobs)
+        except RuntimeError as exc:
+            raise ClusterError(f"cannot list the jobs of the cluster at {self.address}: {exc}") from None
+        return any(submission_id in (job.submission_id, job.job_id) for job in jobs)
+
+    def _request_failed(self, submission_id: str, what: str, exc: Exception) -> ClusterError:
+        """The error for a failed request about one submission: unknown id, or the cluster's own error."""
+        if not self._knows(submission_id):
+            return UnknownSubmission(f"the Ray cluster at {self.address} has no submission {submission_id}")
+        return ClusterError(f"cannot {what} {submission_id}: {exc}")
 
     def submit(
         self,
@@ -382,18 +420,22 @@ class RemoteCluster:
                     )
                 )
             except RuntimeError as exc:  # the cluster refused it (duplicate id, bad runtime env …)
-                raise RemoteError(f"the cluster refused the submission: {exc}") from None
+                raise ClusterError(f"the cluster refused the submission: {exc}") from None
 
     def info(self, submission_id: str) -> RunInfo | None:
         """The submission's state; None when the cluster does not know it. Rows come from the logs."""
         try:
             details = self._call(self.client.get_job_info, submission_id)
         except RuntimeError as exc:
-            if "404" in str(exc) or "does not exist" in str(exc):
+            error = self._request_failed(submission_id, "read submission", exc)
+            if isinstance(error, UnknownSubmission):
                 return None
-            raise RemoteError(f"cannot read submission {submission_id}: {exc}") from None
+            raise error from None
+        return self._run_info(details)
+
+    def _run_info(self, details: JobDetails) -> RunInfo:
         info = RunInfo(
-            submission_id=details.submission_id or submission_id,
+            submission_id=details.submission_id or details.job_id or "",
             status=str(details.status.value),
             job_name=(details.metadata or {}).get(JOB_TAG),
             entrypoint=details.entrypoint,
@@ -415,7 +457,7 @@ class RemoteCluster:
         try:
             return self._call(self.client.get_job_logs, submission_id)
         except RuntimeError as exc:
-            raise RemoteError(f"cannot read the logs of {submission_id}: {exc}") from None
+            raise self._request_failed(submission_id, "read the logs of", exc) from None
 
     def follow(self, submission_id: str, out: TextIO) -> None:
         """Stream the logs to `out` until the run ends."""
@@ -425,259 +467,30 @@ class RemoteCluster:
                 out.write(chunk)
                 out.flush()
 
+        import asyncio
+
+        import aiohttp
+
         try:
-            asyncio.run(tail())
-        except RuntimeError as exc:
-            raise RemoteError(f"cannot follow the logs of {submission_id}: {exc}") from None
+            self._call(asyncio.run, tail())
+        # RuntimeError: the stream broke off; ClientResponseError: the server refused to open it
+        # (an unknown id among other reasons, which _request_failed tells apart).
+        except (RuntimeError, aiohttp.ClientResponseError) as exc:
+            raise self._request_failed(submission_id, "follow the logs of", exc) from None
 
     def stop(self, submission_id: str) -> bool:
         """Ask the cluster to stop a run; False when it had already ended."""
         try:
             return bool(self._call(self.client.stop_job, submission_id))
         except RuntimeError as exc:
-            raise RemoteError(f"cannot stop {submission_id}: {exc}") from None
+            raise self._request_failed(submission_id, "stop", exc) from None
 
     def list(self, *, limit: int = 20, everything: bool = False) -> list[RunInfo]:
         """The newest submissions first (lance-ray runs only unless `everything`), rows where known."""
         try:
             jobs = self._call(self.client.list_jobs)
         except RuntimeError as exc:
-            raise RemoteError(f"cannot list the cluster's jobs: {exc}") from None
+            raise ClusterError(f"cannot list the jobs of the cluster at {self.address}: {exc}") from None
         jobs = [j for j in jobs if j.submission_id and (everything or JOB_TAG in (j.metadata or {}))]
         jobs.sort(key=lambda j: j.start_time or 0, reverse=True)
-        return [info for j in jobs[:limit] if (info := self.info(j.submission_id)) is not None]
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-_EXIT_FOR_STATUS = {"SUCCEEDED": EXIT_OK, "STOPPED": EXIT_RUN_FAILED}
-
-
-def exit_code_for(info: RunInfo) -> int:
-    """A finished run's exit status: 0 when it succeeded, else `lance-ray run`'s own exit code when
-    the cluster reports it (1 some rows failed, 2 bad job file, 3 the run failed), else 3."""
-    if info.status in _EXIT_FOR_STATUS:
-        return _EXIT_FOR_STATUS[info.status]
-    return info.driver_exit_code if info.driver_exit_code in (1, 2, 3) else EXIT_RUN_FAILED
-
-
-def _fmt_time(moment: datetime | None) -> str:
-    return moment.astimezone().isoformat(timespec="seconds") if moment else "-"
-
-
-def format_info(info: RunInfo) -> str:
-    env = info.runtime_env.get("env_vars") or {}
-    rows = "-" if info.rows_ok is None else f"{info.rows_ok} ok, {info.rows_failed} failed"
-    lines = [
-        f"submission: {info.submission_id}",
-        f"job:        {info.job_name or '(not a lance-ray job)'}",
-        f"status:     {info.status}" + (f" ({info.message})" if info.message else ""),
-        f"started:    {_fmt_time(info.start_time)}",
-        f"ended:      {_fmt_time(info.end_time)}",
-        f"rows:       {rows}",
-        f"entrypoint: {info.entrypoint}",
-    ]
-    if env:
-        lines.append(f"env vars:   {', '.join(f'{k}={v}' for k, v in mask_env(env).items())}")
-    return "\n".join(lines)
-
-
-def format_list(infos: Sequence[RunInfo]) -> str:
-    header = (
-        f"{'submission':<44} {'job':<20} {'status':<10} {'started':<26} {'ended':<26} {'ok':>6} {'failed':>6}"
-    )
-    lines = [header, "-" * len(header)]
-    for info in infos:
-        ok = "" if info.rows_ok is None else info.rows_ok
-        failed = "" if info.rows_failed is None else info.rows_failed
-        lines.append(
-            f"{info.submission_id:<44} {info.job_name or '-':<20} {info.status:<10} "
-            f"{_fmt_time(info.start_time):<26} {_fmt_time(info.end_time):<26} {ok:>6} {failed:>6}"
-        )
-    return "\n".join(lines)
-
-
-def submit_options_from_args(args: argparse.Namespace) -> SubmitOptions:
-    pip = args.pip_requirement or (DEFAULT_PIP if args.pip else None)
-    options = SubmitOptions(pip=pip, env_from_local=tuple(args.env_from_local), output=args.output)
-    options.env_vars()  # a variable that is not set fails now, not at the first submission
-    return options
-
-
-def add_submit_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `submit` and `schedule`."""
-    parser.add_argument(
-        "--pip",
-        action="store_true",
-        help=f"install lance-ray into the job's runtime env with pip ({DEFAULT_PIP}); "
-        "without it the cluster must have lance-ray installed",
-    )
-    parser.add_argument(
-        "--pip-requirement",
-        metavar="REQUIREMENT",
-        help="what --pip installs instead, e.g. 'git+https://github.com/YOU/lance-ray@main' (implies --pip)",
-    )
-    parser.add_argument(
-        "--env-from-local",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="forward this environment variable from here to the job (repeatable; "
-        "e.g. AWS_PROFILE); values are never printed",
-    )
-    parser.add_argument(
-        "--output",
-        help="output root for this submission (e.g. s3://bucket/prefix), instead of the job file's",
-    )
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from lance_ray.spec import JobSpecError, load_job
-
-    try:
-        load_job(args.job, check_paths=True)  # a bad job file fails here, before any network
-        options = submit_options_from_args(args)
-        cluster = RemoteCluster(args.address)
-        submission_id = cluster.submit(
-            args.job,
-            options,
-            submission_id=args.submission_id,
-            run_date=args.run_date,
-            run_id=args.run_id,
-            out=sys.stderr,
-        )
-    except JobSpecError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_BAD_JOB
-    except RemoteError as exc:
-        print(f"lance-ray submit: {exc}", file=sys.stderr)
-        return EXIT_BAD_JOB
-    print(submission_id)
-    if not args.follow:
-        print(
-            f"follow it with: lance-ray logs {submission_id} --follow"
-            + (f" --address {args.address}" if args.address else ""),
-            file=sys.stderr,
-        )
-        return EXIT_OK
-    return _follow_to_end(cluster, submission_id)
-
-
-def _follow_to_end(cluster: RemoteCluster, submission_id: str) -> int:
-    try:
-        cluster.follow(submission_id, sys.stdout)
-        info = cluster.info(submission_id)
-    except KeyboardInterrupt:
-        print(
-            f"\nstopped following; the run goes on (lance-ray stop {submission_id} ends it)", file=sys.stderr
-        )
-        return 130
-    except RemoteError as exc:
-        print(f"lance-ray: {exc}", file=sys.stderr)
-        return EXIT_RUN_FAILED
-    if info is None:
-        print(f"lance-ray: the cluster no longer knows {submission_id}", file=sys.stderr)
-        return EXIT_RUN_FAILED
-    print(f"{submission_id}: {info.status}", file=sys.stderr)
-    return exit_code_for(info)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        cluster = RemoteCluster(args.address)
-        if args.id:
-            info = cluster.info(args.id)
-        else:
-            newest = cluster.list(limit=1)
-            info = newest[0] if newest else None
-    except RemoteError as exc:
-        print(f"lance-ray status: {exc}", file=sys.stderr)
-        return EXIT_BAD_JOB
-    if info is None:
-        print(
-            f"lance-ray status: {'no submission ' + args.id if args.id else 'no lance-ray submissions'} "
-            f"on {cluster.address}",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_JOB
-    print(format_info(info))
-    return EXIT_OK
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    try:
-        cluster = RemoteCluster(args.address)
-        if not args.follow:
-            sys.stdout.write(cluster.logs(args.id))
-            return EXIT_OK
-    except RemoteError as exc:
-        print(f"lance-ray logs: {exc}", file=sys.stderr)
-        return EXIT_BAD_JOB
-    return _follow_to_end(cluster, args.id)
-
-
-def cmd_stop(args: argparse.Namespace) -> int:
-    try:
-        stopped = RemoteCluster(args.address).stop(args.id)
-    except RemoteError as exc:
-        print(f"lance-ray stop: {exc}", file=sys.stderr)
-        return EXIT_BAD_JOB
-    print(f"{args.id}: {'stop requested' if stopped else 'already finished'}")
-    return EXIT_OK
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    try:
-        infos = RemoteCluster(args.address).list(limit=args.limit, everything=args.all)
-    except RemoteError as exc:
-        print(f"lance-ray list: {exc}", file=sys.stderr)
-        return EXIT_BAD_JOB
-    print(format_list(infos))
-    return EXIT_OK
-
-
-def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Registers submit / status / logs / stop / list on the `lance-ray` command."""
-    address_help = "Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
-
-    p = subparsers.add_parser(
-        "submit",
-        help="run a job file on a Ray cluster (Ray Jobs API)",
-        description="Stages the job file and its local inputs (at most 100 MB) as the "
-        "job's working_dir and runs `lance-ray run` on the cluster.",
-    )
-    p.add_argument("job")
-    p.add_argument("--address", help=address_help)
-    p.add_argument(
-        "--follow",
-        "-f",
-        action="store_true",
-        help="stream the logs until the run ends; exit with its status (0: succeeded)",
-    )
-    p.add_argument("--submission-id", help="submission id to use (default: one chosen by Ray)")
-    p.add_argument("--run-date", help="fills {run_date} in output paths")
-    p.add_argument("--run-id", help="fills {run_id} in output paths")
-    add_submit_options(p)
-    p.set_defaults(func=cmd_submit)
-
-    p = subparsers.add_parser("status", help="state of a submission (default: the newest lance-ray one)")
-    p.add_argument("id", nargs="?")
-    p.add_argument("--address", help=address_help)
-    p.set_defaults(func=cmd_status)
-
-    p = subparsers.add_parser("logs", help="logs of a submission")
-    p.add_argument("id")
-    p.add_argument("--address", help=address_help)
-    p.add_argument("--follow", "-f", action="store_true", help="stream until the run ends")
-    p.set_defaults(func=cmd_logs)
-
-    p = subparsers.add_parser("stop", help="stop a submission")
-    p.add_argument("id")
-    p.add_argument("--address", help=address_help)
-    p.set_defaults(func=cmd_stop)
-
-    p = subparsers.add_parser("list", help="recent lance-ray submissions with status and row counts")
-    p.add_argument("--address", help=address_help)
-    p.add_argument("--limit", type=int, default=20, help="newest N submissions (default 20)")
-    p.add_argument("--all", action="store_true", help="include submissions that are not lance-ray jobs")
-    p.set_defaults(func=cmd_list)
+        return [self._run_info(j) for j in jobs[:limit]]

@@ -1,11 +1,10 @@
 """Cron schedules for job files: which runs are due, catch-up and overlap policy, SQLite run history.
 
-    lance-ray schedule nightly.yaml --address http://HEAD:8265          long-lived scheduler
-    lance-ray schedule nightly.yaml --address http://HEAD:8265 --once   submit what is due now, exit
-
-A job file opts in with `schedule: {cron, timezone, overlap, catch_up}`. Each due run is submitted
-through the Ray Jobs API (remote.py) with `--run-date`/`--run-id`, so output paths using `{run_date}`
-or `{run_id}` get one partition per run.
+This is the library behind `lance-ray schedule` (lance_ray/cli/schedule.py). A job file opts in
+with `schedule: {cron, timezone, overlap, catch_up}`. Each due run is submitted through the Ray
+Jobs API (remote.py) with `--run-date`/`--run-id`, so output paths using `{run_date}` or
+`{run_id}` get one partition per run. Errors are `lance_ray.errors` types (ScheduleError is a
+JobFileError); state changes are printed only to the `out` stream a Scheduler is given.
 
 Cron times are wall-clock times in the schedule's time zone. Across daylight-saving changes every
 matching wall-clock time runs exactly once: a time the clock skips (spring forward) runs at the
@@ -19,11 +18,9 @@ scheduled time is never run twice.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import sqlite3
-import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +32,8 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from lance_ray.cluster.remote import ClusterUnreachable, RemoteError, RunInfo, SubmitOptions
+from lance_ray.cluster.remote import ClusterUnreachable, RunInfo, SubmitOptions
+from lance_ray.errors import ClusterError, JobFileError, LanceRayError
 from lance_ray.spec import ScheduleSpec
 
 log = logging.getLogger(__name__)
@@ -52,7 +50,7 @@ UNFINISHED = (QUEUED, *ON_CLUSTER)
 MAX_DUE_PER_TICK = 1000
 
 
-class ScheduleError(ValueError):
+class ScheduleError(JobFileError):
     """Job files that cannot be scheduled (no `schedule:` block, two jobs with one name)."""
 
 
@@ -360,8 +358,8 @@ class Scheduler:
         for run in self.history.runs(job.name, ON_CLUSTER):
             try:
                 info = self.cluster.info(run.submission_id)
-            except ClusterUnreachable as exc:
-                log.warning("%s: cannot reach the cluster to check %s: %s", job.name, run.submission_id, exc)
+            except ClusterError as exc:  # unreachable, or a failing dashboard: try again at the next tick
+                log.warning("%s: cannot check %s on the cluster: %s", job.name, run.submission_id, exc)
                 return
             before = run.status
             self._save(run, info, now)
@@ -437,20 +435,13 @@ class Scheduler:
         except ClusterUnreachable as exc:  # stays QUEUED; the next tick tries again
             run.error = f"cannot reach the cluster, will retry: {exc}"
             self.submit_errors += 1
-        except (RemoteError, OSError, ValueError) as exc:
+        # A job file that became invalid or too big, a refused submission, an unreadable input: this
+        # run fails, the scheduler goes on with the next.
+        except (LanceRayError, OSError, ValueError) as exc:
             run.status, run.error = "SUBMIT_FAILED", f"{type(exc).__name__}: {exc}"
             self.submit_errors += 1
         self.history.update(run, now)
         self._report(run)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def default_history_path() -> Path:
-    import os
-
-    return Path(os.environ.get("LANCE_RAY_HOME", Path.home() / ".lance-ray")) / "schedule.sqlite"
 
 
 def load_scheduled_jobs(paths: Sequence[str]) -> list[ScheduledJob]:
@@ -459,7 +450,10 @@ def load_scheduled_jobs(paths: Sequence[str]) -> list[ScheduledJob]:
 
     jobs = []
     for path in paths:
-        job = load_job(path)
+        try:
+            job = load_job(path)
+        except FileNotFoundError:
+            raise ScheduleError(f"{path}: no such job file") from None
         if job.schedule is None:
             raise ScheduleError(
                 f"{path}: the job file has no `schedule:` block "
@@ -467,105 +461,3 @@ def load_scheduled_jobs(paths: Sequence[str]) -> list[ScheduledJob]:
             )
         jobs.append(ScheduledJob(job.name, Path(path).resolve(), job.schedule))
     return jobs
-
-
-def format_history(runs: Sequence[Run], zone_of: dict[str, ZoneInfo]) -> str:
-    header = f"{'job':<20} {'scheduled for':<25} {'status':<13} {'ok':>6} {'failed':>6}  submission / error"
-    lines = [header, "-" * len(header)]
-    for run in runs:
-        local = run.scheduled_for.astimezone(zone_of.get(run.job, timezone.utc)).isoformat(timespec="minutes")
-        ok = "" if run.rows_ok is None else run.rows_ok
-        failed = "" if run.rows_failed is None else run.rows_failed
-        lines.append(
-            f"{run.job:<20} {local:<25} {run.status:<13} {ok:>6} {failed:>6}  "
-            f"{run.submission_id or ''}{'  ' + run.error if run.error else ''}"
-        )
-    return "\n".join(lines)
-
-
-def cmd_schedule(args: argparse.Namespace) -> int:
-    from filelock import FileLock, Timeout
-
-    from lance_ray.cli import EXIT_BAD_JOB, EXIT_OK, EXIT_RUN_FAILED
-    from lance_ray.cluster.remote import RemoteCluster, submit_options_from_args
-    from lance_ray.spec import JobSpecError
-
-    try:
-        jobs = load_scheduled_jobs(args.jobs)
-        options = submit_options_from_args(args)
-    except (JobSpecError, ScheduleError, RemoteError) as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_BAD_JOB
-    history_path = Path(args.history) if args.history else default_history_path()
-    zones = {job.name: ZoneInfo(job.schedule.timezone) for job in jobs}
-    if args.show:
-        runs = RunHistory(history_path).runs() if history_path.exists() else []
-        print(format_history([r for r in runs if r.job in zones], zones))
-        return EXIT_OK
-    try:
-        cluster = RemoteCluster(args.address)  # unreachable: fail before anything is recorded
-    except RemoteError as exc:
-        print(f"lance-ray schedule: {exc}", file=sys.stderr)
-        return EXIT_BAD_JOB
-    history_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(history_path) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"lance-ray schedule: another scheduler is using {history_path}", file=sys.stderr)
-        return EXIT_BAD_JOB
-    try:
-        scheduler = Scheduler(
-            jobs,
-            RunHistory(history_path),
-            cluster,
-            options,
-            grace=timedelta(seconds=args.grace),
-            poll=timedelta(seconds=args.poll),
-            out=sys.stdout,
-        )
-        now = scheduler.clock.now()
-        for job in jobs:
-            s = job.schedule
-            upcoming = next_after(s, now).astimezone(zones[job.name]).isoformat()
-            print(
-                f"{job.name}: cron {s.cron!r} in {s.timezone}, overlap {s.overlap}, catch_up {s.catch_up}; "
-                f"next run {upcoming}"
-            )
-        print(f"history: {history_path}", flush=True)
-        if args.once:
-            scheduler.tick()
-            return EXIT_RUN_FAILED if scheduler.submit_errors else EXIT_OK
-        try:
-            scheduler.run()
-        except KeyboardInterrupt:
-            print("scheduler stopped; submitted runs keep running on the cluster", file=sys.stderr)
-        return EXIT_OK
-    finally:
-        lock.release()
-
-
-def add_schedule_command(subparsers: argparse._SubParsersAction) -> None:
-    from lance_ray.cluster.remote import add_submit_options
-
-    p = subparsers.add_parser(
-        "schedule",
-        help="submit job files to a Ray cluster on their cron schedule",
-        description="Submits each job file's due runs (its `schedule:` block) through the Ray Jobs API and "
-        "keeps a run history. Runs until interrupted, or with --once submits what is due and exits "
-        "(for system cron or a Kubernetes CronJob; keep --history on persistent storage).",
-    )
-    p.add_argument("jobs", nargs="+", metavar="JOB", help="job files with a schedule: block")
-    p.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
-    p.add_argument("--once", action="store_true", help="submit what is due now and exit")
-    p.add_argument("--history", help=f"SQLite run history (default: {default_history_path()})")
-    p.add_argument("--show", action="store_true", help="print the run history of these jobs and exit")
-    p.add_argument(
-        "--grace",
-        type=float,
-        default=300.0,
-        help="seconds after its time a run still counts as on time, not missed (default 300)",
-    )
-    p.add_argument("--poll", type=float, default=30.0, help="seconds between status checks of running runs")
-    add_submit_options(p)
-    p.set_defaults(func=cmd_schedule)

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from lance_ray.errors import LanceRayError, RunError
+from lance_ray.errors import ClusterError, LanceRayError, RunError
 from lance_ray.io import storage
 from lance_ray.pipeline import sinks, sources
 from lance_ray.pipeline.planner import Group, Plan, make_plan, runs_side_by_side
@@ -75,7 +75,12 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, TimeoutError) as exc:
+            where = address or os.environ["RAY_ADDRESS"]
+            raise ClusterError(f"cannot connect to the Ray cluster at {where}: {exc} (is it running? "
+                               "`ray status --address ...` on the head tells)") from exc
     else:
         # Logical CPUs above the core count keep GPU-less actors from starving the CPU stages.
         ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=True)

@@ -1,0 +1,138 @@
+"""Commands that work on a job file here: validate, plan, run, and tiny-checkpoint.
+
+The pipeline, the model and Ray are imported inside the commands, so that `lance-ray --help` and
+`lance-ray validate` never load torch or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lance_ray.cli.exit_codes import EXIT_CODES_HELP, EXIT_OK, EXIT_ROWS_FAILED
+from lance_ray.errors import JobFileError
+
+if TYPE_CHECKING:
+    from lance_ray.spec import Job
+
+
+def load_job_file(path: str) -> Job:
+    """The job file, validated, with local input paths checked; raises JobFileError (spec.JobSpecError)."""
+    from lance_ray.spec import load_job
+
+    try:
+        return load_job(path, check_paths=True)
+    except FileNotFoundError:
+        raise JobFileError(f"{path}: no such job file") from None
+    except OSError as exc:  # a directory, no permission …
+        raise JobFileError(f"{path}: cannot read the job file: {exc.strerror or exc}") from None
+
+
+def warn_debug_backends(job: Job) -> None:
+    for family in ("image", "video"):
+        if job.model_for(family).backend == "debug" and any(s.family == family for s in job.steps):
+            print(f"WARNING: the {family} steps use the DEBUG backend: outputs are synthetic, not Lance "
+                  f"outputs (models.{family}.backend: debug in the job file).", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = load_job_file(args.job)
+    print(f"{args.job}: ok ({len(job.steps)} step(s): {', '.join(s.name + '/' + s.task for s in job.steps)})")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lance_ray.pipeline.planner import format_plan, make_plan
+    from lance_ray.pipeline.runner import count_rows
+
+    job = load_job_file(args.job)
+    warn_debug_backends(job)
+    print(format_plan(make_plan(job, args.gpus, count_rows(job))))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lance_ray.pipeline.runner import SUMMARY_PREFIX, format_summary, new_run_id, run_job
+
+    job = load_job_file(args.job)
+    warn_debug_backends(job)
+    if args.output:
+        output = args.output if "://" in args.output else str(Path(args.output).resolve())
+        job = job.model_copy(update={"output": output})
+    # {run_date} / {run_id} in output paths: scheduled runs pass them, a manual run gets today and a new id.
+    run_id = args.run_id or new_run_id()
+    run_date = args.run_date or datetime.now(timezone.utc).date().isoformat()
+    job = job.with_run_context(run_date=run_date, run_id=run_id)
+    summary = run_job(job, address=args.address, overwrite=args.overwrite, retry_failed=args.retry_failed,
+                      progress=not args.no_progress, run_id=run_id, verbose=args.verbose)
+    print(format_summary(summary))
+    print(SUMMARY_PREFIX + summary.to_json())  # one machine-readable line, read back by `lance-ray list`
+    return EXIT_ROWS_FAILED if summary.failed else EXIT_OK
+
+
+def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from lance_ray.models.lance.tiny import write_tiny_checkpoint
+
+    print(write_tiny_checkpoint(Path(args.out), seed=args.seed, vae=args.vae))
+    return EXIT_OK
+
+
+RUN_DESCRIPTION = """\
+Runs a job file on a local Ray (or the cluster at --address) with progress bars, then prints a
+summary table. Each batch of rows is committed as it finishes, so a run that is interrupted or
+fails keeps its committed rows, and running it again skips them."""
+
+
+def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Registers validate / plan / run / tiny-checkpoint on the `lance-ray` command."""
+    p = subparsers.add_parser(
+        "validate",
+        help="check a job file",
+        description="Checks a job file: its schema, its templates, and that local input paths exist. Every "
+        "problem is printed as file:line:col: message. Exits 0 when it is valid, 2 when it is not.",
+    )
+    p.add_argument("job", help="the job file (YAML)")
+    p.set_defaults(func=cmd_validate)
+
+    p = subparsers.add_parser(
+        "plan",
+        help="show the execution plan and estimated GPU time",
+        description="Prints the rows per step, the checkpoint groups, the actors per group and the estimated "
+        "GPU time of a job file, without running anything.",
+    )
+    p.add_argument("job", help="the job file (YAML)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs to plan for (default 0: CPU actors)")
+    p.set_defaults(func=cmd_plan)
+
+    p = subparsers.add_parser(
+        "run",
+        help="run a job file on Ray and write its outputs",
+        description=RUN_DESCRIPTION,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("job", help="the job file (YAML)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="discard committed outputs and start clean")
+    p.add_argument("--retry-failed", action="store_true", help="run rows that failed in an earlier run again")
+    p.add_argument("--output", help="output root, overriding the job file's `output` (steps with their own "
+                   "output.path keep it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--run-id", help="run id (fills {run_id} in output paths)")
+    p.add_argument("--run-date", help="run date (fills {run_date} in output paths)")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser(
+        "tiny-checkpoint",
+        help="write the tiny random Lance checkpoint (official layout)",
+        description="Writes a tiny Lance checkpoint with random weights in the official Hugging Face layout, "
+        "for tests and the CPU quickstart (jobs name it `lance-tiny`). Prints the directory.",
+    )
+    p.add_argument("out", help="directory to write it to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--vae", choices=["small", "full", "none"], default="small",
+                   help="which VAE to include (default small)")
+    p.set_defaults(func=cmd_tiny_checkpoint)
