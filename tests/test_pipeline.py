@@ -214,3 +214,26 @@ steps:
     listing = fs.ls("lance-out/run1/captions")
     assert any(p.endswith("_manifest.json") for p in listing)
     assert not [p for p in fs.find("lance-out") if ".tmp" in p]  # no temp objects left behind
+
+
+def test_a_failing_checkpoint_group_fails_the_run_while_its_sibling_stops(tmp_path: Path) -> None:
+    """Two checkpoint groups side by side (as on a 2-GPU machine, here with CPU actors): the video group's
+    checkpoint cannot be fetched (offline hub), so the run raises instead of ending 'ok' with the image
+    group's rows alone."""
+    from lance_ray.errors import RunError
+    from lance_ray.pipeline.planner import make_plan, runs_side_by_side
+    from lance_ray.pipeline.runner import JobRunner, count_rows
+
+    rows = ", ".join(f"{{prompt: 'p{i}'}}" for i in range(64))
+    text = (f"name: sides\nmodels:\n  image: {{source: lance-tiny, backend: debug}}\n"
+            f"  video: {{source: nobody/no-such-lance-checkpoint}}\noutput: {tmp_path / 'out'}\nsteps:\n"
+            f"  - {{name: many, task: t2i, input: {{rows: [{rows}]}}, params: {{height: 16, width: 16}},"
+            f" resources: {{batch_size: 1}}}}\n"
+            f"  - {{name: clip, task: t2v, input: {{rows: [{{prompt: a}}]}}}}\n")
+    job = load_job_text(text, "sides.yaml", tmp_path)
+    plan = make_plan(job, cluster_gpus=2, row_counts=count_rows(job))
+    for group in plan.groups:
+        group.gpus_per_actor = 0  # CPU actors; the plan still runs both groups at once
+    assert runs_side_by_side(plan.waves[0], 2) and len(plan.waves[0].groups) == 2
+    with pytest.raises(RunError, match="checkpoint group video failed"):
+        JobRunner(job, progress=False).run(plan)
