@@ -31,8 +31,8 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import LLMConfig, ViTConfig
+from .model import LanceModel
 from .state_dict import convert, plan_load
-from .transformer import LanceModel
 
 log = logging.getLogger(__name__)
 

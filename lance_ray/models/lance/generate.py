@@ -47,10 +47,11 @@ import torch
 
 from . import preprocess
 from .latent import latent_position_index
+from .model import LanceModel
 from .sampler import SamplerSettings, Schedule, apply_cfg, euler_step, initial_noise
 from .sequence import GenerationLayout, Grid, build_generation
 from .tokenizer import LanceTokenizer
-from .transformer import KVCache, LanceModel, Routing, Split
+from .transformer import KVCache, Routing, Split
 
 if TYPE_CHECKING:
     from .vae import WanVAE

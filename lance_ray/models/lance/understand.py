@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import LanceModel
 from .sequence import UnderstandingLayout
 from .tokenizer import IM_END
-from .transformer import KVCache, LanceModel, LanguageModel, Split
+from .transformer import KVCache, LanguageModel, Split
 
 STOP_CHECK_EVERY = 8  # decoding steps between host checks for "all samples finished"
 
