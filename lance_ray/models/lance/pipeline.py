@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from . import preprocess
-from .checkpoint import CheckpointFiles, LoadStats, load_lance_model, resolve_checkpoint
+from .checkpoint import CheckpointFiles, resolve_checkpoint
 from .generate import generate_media, media_rows, text_rows
+from .loader import LoadStats, load_lance_model
 from .sampler import SamplerSettings
 from .sequence import build_understanding
 from .tokenizer import LanceTokenizer
@@ -55,10 +56,6 @@ class LancePipeline:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         return cls(files, source=source, revision=revision, device=resolve_device(device), dtype=DTYPES[dtype],
                    cache_dir=cache_dir)
-
-    @property
-    def load_seconds(self) -> float:
-        return self.load_stats.seconds
 
     @property
     def vae(self) -> WanVAE:

@@ -35,8 +35,8 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
-from .checkpoint import default_cache_dir
 from .config import LLMConfig, ViTConfig
+from .source import default_cache_dir
 from .tokenizer import build_fast_tokenizer
 
 log = logging.getLogger(__name__)
