@@ -118,7 +118,7 @@ def _decode_input(task: str, row: dict) -> np.ndarray | None:
         raise ValueError(f"task {task} needs {'an image' if kind == 'image' else 'a video'}, the row has none")
     if kind == "image":
         return media.decode_image(row["image"])
-    from lance_ray.models.lance.preprocess import sample_frame_indices
+    from lance_ray.models.lance import sample_frame_indices
 
     info = media.probe_video(row["video"])
     return media.decode_video(row["video"], sample_frame_indices(info.num_frames, info.fps))

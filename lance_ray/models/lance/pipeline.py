@@ -4,7 +4,7 @@
     pipe.x2t_image(images, questions, preset="image_768res", max_new_tokens=256)
 
 Media in are uint8 numpy arrays, images `(H, W, 3)`, videos `(T, H, W, 3)` already frame-sampled with
-`preprocess.sample_frame_indices`; media out likewise.  Loaded parts are plain attributes: `model`
+`media_rules.sample_frame_indices`; media out likewise.  Loaded parts are plain attributes: `model`
 (LanceModel), `tokenizer`, `device`, `dtype`, `files`, `load_stats`; `vae` is loaded on first use by a
 generation or editing task.
 """
