@@ -103,9 +103,6 @@ class LanceTokenizer:
         """Token ids without any added BOS/EOS; special-token strings in `text` map to their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` with special tokens kept (as the official `tokenizer.decode`)."""
         return self._tok.decode(ids, skip_special_tokens=False)
