@@ -59,13 +59,15 @@ def resolve_checkpoint(source: str, family: str, *, revision: str | None = None,
         root = _fetch_fsspec(source, family, cache, with_vae)
     elif kind == "hub":
         if Path(source).is_dir():
-            log.warning("%r is read as a Hugging Face repo id; write ./%s for the local directory", source, source)
+            log.warning("%r is read as a Hugging Face repo id; write ./%s for the local directory",
+                        source, source)
         root = _fetch_hub(source, revision, family, cache, with_vae)
     else:
         root = Path(source).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"no checkpoint directory at {source} (a local directory with Lance_3B/ or "
-                                    "downloads/Lance_3B/, a Hugging Face repo id, an s3:// URI, or lance-tiny)")
+            raise FileNotFoundError(f"no checkpoint directory at {source} (a local directory with "
+                                    "Lance_3B/ or downloads/Lance_3B/, a Hugging Face repo id, an s3:// URI, "
+                                    "or lance-tiny)")
     return _locate(root, family, with_vae)
 
 

@@ -43,7 +43,9 @@ def parse_tiny(source: str) -> int | None:
 
 
 def _is_hub_id(source: str) -> bool:
-    return len(source) <= 96 and "--" not in source and ".." not in source and _HUB.fullmatch(source) is not None
+    if len(source) > 96 or "--" in source or ".." in source:
+        return False
+    return _HUB.fullmatch(source) is not None
 
 
 def source_kind(source: str) -> Literal["tiny", "hub", "uri", "local"]:

@@ -1,4 +1,6 @@
-"""Batched understanding (x2t): one ViT pass, one packed prefill, batched decoding (LANCE_FACTS §9).
+"""Batched understanding (x2t): one ViT pass, one packed prefill, batched decoding.
+
+Reproduces the official KV path (`modeling/lance/lance.py`, `Lance.validation_und_KVcache`).
 
 Per sample the official KV path does: prefill the prompt split by split (text causal, ViT block
 bidirectional) except its last token; then feed that last token and every generated token one at a
