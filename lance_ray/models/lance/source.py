@@ -17,10 +17,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
-SourceKind = Literal["tiny", "hub", "uri", "local"]
-
 TINY_SOURCE = "lance-tiny"
-_TINY = re.compile(r"lance-tiny(?::(\d+))?")  # the seed is a non-negative decimal integer
+_TINY = re.compile(re.escape(TINY_SOURCE) + r"(?::(\d+))?")  # the seed is a non-negative decimal integer
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # A Hugging Face repo id is `owner/name`: each part of ASCII letters, digits, `_`, `-` and `.` that starts
 # and ends with a letter, digit or `_` (so nothing starting with `.`, `~` or `/` qualifies); no `--` or

@@ -353,4 +353,3 @@ class LanguageModel(nn.Module):
         if cache is not None and update_cache:
             cache.advance([sum(s.length for s in r) for r in rows])
         return route.apply(self.norm_und, self.norm_gen, x)
-
