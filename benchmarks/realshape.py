@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from lance_ray.models.lance.config import LLMConfig, ViTConfig
+from lance_ray.models.lance.model import LanceModel
 from lance_ray.models.lance.state_dict import IGNORED_KEYS, VIT_PREFIX_IN_MODEL_FILE, llm_key_map, vit_key_map
 from lance_ray.models.lance.tiny import llm_config_dict, vit_config_dict, write_tokenizer
-from lance_ray.models.lance.transformer import LanceModel
 
 # Rows of the fixed latent position table each official file carries (frames x 64 x 64).
 POS_TABLE_ROWS = {"image": 1 * 64 * 64, "video": 31 * 64 * 64}

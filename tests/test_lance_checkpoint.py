@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lance_ray.models.lance.checkpoint import load_lance_model, resolve_checkpoint
+from lance_ray.models.lance.checkpoint import resolve_checkpoint
+from lance_ray.models.lance.loader import load_lance_model
 from lance_ray.models.lance.state_dict import CheckpointMismatch
 
 # sha256 of the parity harness's seed-0 files (shared/lance/golden/MANIFEST.json), the goldens' checkpoint.

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from lance_ray.models.lance import media_rules, presets
 from lance_ray.models.lance import preprocess as P
-from lance_ray.models.lance import presets
 
 INPUTS = Path(__file__).parent / "fixtures" / "golden" / "inputs"
 
@@ -29,7 +29,7 @@ def golden() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    return P.image_to_rgb(Image.open(INPUTS / "img_304x224.png"))
+    return media_rules.image_to_rgb(Image.open(INPUTS / "img_304x224.png"))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def video() -> np.ndarray:
         stream = container.streams.video[0]
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
         fps = float(stream.average_rate)
-    return frames[P.sample_frame_indices(len(frames), fps)]
+    return frames[media_rules.sample_frame_indices(len(frames), fps)]
 
 
 def cthw(frames: np.ndarray) -> torch.Tensor:
@@ -197,16 +197,16 @@ def test_vit_frames_duplication() -> None:
     ],
 )
 def test_sample_frame_indices(total: int, fps: float, expected: list[int]) -> None:
-    assert P.sample_frame_indices(total, fps) == expected
+    assert media_rules.sample_frame_indices(total, fps) == expected
 
 
 def test_sample_frame_indices_long_video_spans_whole_clip() -> None:
     # 120 s at 29.97 fps: duration capped at 6 s -> n = 72 -> 69 frames spread over all 3596 frames
-    idx = P.sample_frame_indices(3596, 29.97)
+    idx = media_rules.sample_frame_indices(3596, 29.97)
     assert len(idx) == 69 and idx[0] == 0 and idx[-1] == 3595
     assert idx[1] == int(3595 / 68) and idx[34] == int(34 * 3595 / 68)
     # unknown frame rate -> 24 fps: 48 frames = 2 s -> n = 24 -> 21
-    assert len(P.sample_frame_indices(48, float("nan"))) == 21
+    assert len(media_rules.sample_frame_indices(48, float("nan"))) == 21
 
 
 def test_frames_and_output_sizes() -> None:

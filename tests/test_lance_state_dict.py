@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lance_ray.models.lance.config import LLMConfig, ViTConfig
+from lance_ray.models.lance.model import LanceModel
 from lance_ray.models.lance.state_dict import (
     IGNORED_KEYS,
     VIT_PREFIX_IN_MODEL_FILE,
@@ -14,7 +15,6 @@ from lance_ray.models.lance.state_dict import (
     plan_load,
     vit_key_map,
 )
-from lance_ray.models.lance.transformer import LanceModel
 
 # Element and tensor counts of the published files, from a third-party header audit (LANCE_FACTS header).
 PUBLISHED = {"Lance_3B": (1021, 6_185_205_808), "Lance_3B_Video": (1411, 7_105_548_336)}

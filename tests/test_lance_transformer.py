@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lance_ray.models.lance.checkpoint import load_lance_model, resolve_checkpoint
+from lance_ray.models.lance.checkpoint import resolve_checkpoint
+from lance_ray.models.lance.loader import load_lance_model
 from lance_ray.models.lance.transformer import KVCache, Split, rotary_cos_sin
 
 

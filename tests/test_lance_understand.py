@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from lance_ray.models.lance.media_rules import image_to_rgb
 from lance_ray.models.lance.pipeline import LancePipeline
-from lance_ray.models.lance.preprocess import image_to_rgb, resize_to_bucket, vit_frames, vit_patches
+from lance_ray.models.lance.preprocess import resize_to_bucket, vit_frames, vit_patches
 from lance_ray.models.lance.sequence import build_understanding
 from lance_ray.models.lance.understand import generate_text, prompt_embeddings
 

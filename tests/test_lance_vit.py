@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lance_ray.models.lance.checkpoint import load_lance_model, resolve_checkpoint
+from lance_ray.models.lance.checkpoint import resolve_checkpoint
+from lance_ray.models.lance.loader import load_lance_model
 from lance_ray.models.lance.preprocess import vit_patches
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "fp32_kv"

@@ -92,13 +92,13 @@ steps:
   - name: a
     task: t2i
     input: {rows: [{prompt: p}, {title: q}]}
-    params: {height: 100, frames: 5}
+    params: {height: 8, frames: 5}
 """
     messages = [p.message for p in problems_of(text)]
     assert len(messages) == 3
     assert any("row 1 has no" in m for m in messages)
     assert any("'frames' does not apply" in m for m in messages)
-    assert any("multiple of 16" in m for m in messages)
+    assert any("greater than or equal to 16" in m for m in messages)
 
 
 def test_cannot_read_missing_file(tmp_path: Path) -> None:

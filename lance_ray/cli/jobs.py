@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
-    from lance_ray.models.lance.tiny import write_tiny_checkpoint
+    from lance_ray.models.lance import write_tiny_checkpoint
 
     print(write_tiny_checkpoint(Path(args.out), seed=args.seed, vae=args.vae))
     return EXIT_OK

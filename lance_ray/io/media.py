@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lance_ray.io.storage import filesystem_for
-from lance_ray.models.lance.preprocess import image_to_rgb
+from lance_ray.models.lance import image_to_rgb
 
 if TYPE_CHECKING:  # PyAV is imported where videos are handled: image-only work runs without it
     import av

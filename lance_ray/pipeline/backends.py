@@ -17,8 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lance_ray.models.lance.settings import DecodeSettings, GenerationSettings
-from lance_ray.models.lance.tasks import TaskSpec
+from lance_ray.models.lance import DecodeSettings, GenerationSettings, TaskSpec
 from lance_ray.spec import ModelRef
 
 Settings = DecodeSettings | GenerationSettings
@@ -57,7 +56,7 @@ class LanceBackend:
     name = "lance"
 
     def __init__(self, model: ModelRef, family: str) -> None:
-        from lance_ray.models.lance.pipeline import LancePipeline
+        from lance_ray.models.lance import LancePipeline
 
         self.pipeline = LancePipeline.from_pretrained(
             model.source, family=family, revision=model.revision, device=model.device, dtype=model.precision

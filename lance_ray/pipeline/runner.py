@@ -306,7 +306,7 @@ def check_local_models(job: Job) -> None:
 
     (Hub and s3:// sources are fetched by the actors, once per node.)
     """
-    from lance_ray.models.lance.checkpoint import resolve_checkpoint
+    from lance_ray.models.lance import resolve_checkpoint
 
     for family in sorted({step.family for step in job.steps}):
         model = job.model_for(family)

@@ -23,8 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from lance_ray.io import media, storage
-from lance_ray.models.lance.settings import DecodeSettings, GenerationSettings
-from lance_ray.models.lance.tasks import TaskSpec
+from lance_ray.models.lance import DecodeSettings, GenerationSettings, TaskSpec, sample_frame_indices
 from lance_ray.pipeline import sinks
 from lance_ray.pipeline.backends import TaskInput, TaskOutput, load_backend
 from lance_ray.spec import ModelRef, Params
@@ -80,7 +79,6 @@ def _decode_input(task: TaskSpec, row: Row) -> np.ndarray | None:
         raise ValueError(f"task {task.name} needs {'an image' if kind == 'image' else 'a video'}, the row has none")
     if kind == "image":
         return media.decode_image(uri)
-    from lance_ray.models.lance.preprocess import sample_frame_indices
 
     info = media.probe_video(uri)
     return media.decode_video(uri, sample_frame_indices(info.num_frames, info.fps))

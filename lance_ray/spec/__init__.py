@@ -12,12 +12,10 @@ The task registry (`TaskSpec`, `TASKS`) and `Params` are the model's vocabulary 
 torch or ray.
 """
 
-from lance_ray.models.lance.params import Params
-from lance_ray.models.lance.tasks import PROMPT_COLUMNS, TASKS, TaskSpec, get_task
+from lance_ray.models.lance import PROMPT_COLUMNS, TASKS, Params, TaskSpec, get_task
 from lance_ray.spec.loader import JobSpecError, SpecProblem, load_job, load_job_text
 from lance_ray.spec.models import (
     DEFAULT_MODEL_SOURCE,
-    TINY_MODEL_SOURCE,
     ColumnMap,
     InputSpec,
     Job,
@@ -33,7 +31,7 @@ from lance_ray.spec.models import (
 from lance_ray.spec.templates import compile_prompt_template, prompt_template_columns
 
 __all__ = [
-    "DEFAULT_MODEL_SOURCE", "PROMPT_COLUMNS", "TASKS", "TINY_MODEL_SOURCE", "ColumnMap", "InputSpec", "Job",
+    "DEFAULT_MODEL_SOURCE", "PROMPT_COLUMNS", "TASKS", "ColumnMap", "InputSpec", "Job",
     "JobSpecError", "ModelRef", "ModelsSpec", "OutputSpec", "Params", "RaySpec", "Resources", "ScheduleSpec",
     "SpecProblem", "Step", "TaskSpec", "compile_prompt_template", "get_task", "is_uri", "load_job",
     "load_job_text", "prompt_template_columns",

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from lance_ray.models.lance.params import Params
-from lance_ray.models.lance.presets import PRESETS, presets_of
-from lance_ray.models.lance.tasks import PROMPT_COLUMNS, TASKS, TaskSpec
+from lance_ray.models.lance import PRESETS, PROMPT_COLUMNS, TASKS, Params, TaskSpec, presets_of
 from lance_ray.spec.templates import prompt_template_columns
 
 _INPUT_KINDS = ("rows", "path", "from_step")

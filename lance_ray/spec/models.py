@@ -17,24 +17,30 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from croniter import croniter
-from pydantic import BeforeValidator, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from lance_ray.models.lance.params import Params, StrictModel
-from lance_ray.models.lance.tasks import TASK_NAMES, TASKS, TaskSpec, tasks_of
+from lance_ray.models.lance import TASK_NAMES, TASKS, Params, TaskSpec, source_kind, tasks_of
 from lance_ray.spec.checks import job_problems
 from lance_ray.spec.templates import check_prompt_template
 
 TaskName = Literal[TASK_NAMES]  # type: ignore[valid-type]
 
 DEFAULT_MODEL_SOURCE = "bytedance-research/Lance"
-TINY_MODEL_SOURCE = "lance-tiny"
 RUN_PLACEHOLDERS = ("run_date", "run_id")
 INPUT_FORMATS = ("auto", "jsonl", "csv", "parquet", "images", "videos")
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _NAME = r"^[a-z0-9_-]+$"
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_uri(path: str) -> bool:
@@ -64,7 +70,10 @@ def _fill_placeholders(path: str, values: Mapping[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], path)
 
 
-_Model = StrictModel
+class _Model(BaseModel):
+    # strict: a quoted "30" is not a number and `true` is not 1.  Numbers can still come from the
+    # environment: the YAML loader re-types an unquoted `${VAR}` after expanding it.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelRef(_Model):
@@ -93,25 +102,14 @@ class ModelRef(_Model):
     @field_validator("source")
     @classmethod
     def _resolve_local_source(cls, source: str, info: ValidationInfo) -> str:
-        if _model_source_kind(source) == "local":
+        if source_kind(source) == "local":
             return _resolve_path(source, info)
         return source
 
     @property
     def kind(self) -> Literal["tiny", "hub", "uri", "local"]:
         """How `source` is read: the tiny checkpoint, the HF hub, an fsspec URI, or a local dir."""
-        return _model_source_kind(self.source)
-
-
-def _model_source_kind(source: str) -> Literal["tiny", "hub", "uri", "local"]:
-    if source == TINY_MODEL_SOURCE:
-        return "tiny"
-    if is_uri(source):
-        return "uri"
-    # `owner/name` is a hub repo id; anything path-like (./x, /x, ~/x, a/b/c) is a directory.
-    if _HF_REPO_ID.match(source) and not source.startswith((".", "~")):
-        return "hub"
-    return "local"
+        return source_kind(self.source)
 
 
 def _model_ref_shorthand(value: Any) -> Any:

@@ -17,9 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lance_ray.models.lance.params import Params
-from lance_ray.models.lance.presets import PRESETS
-from lance_ray.models.lance.tasks import TASKS
+from lance_ray.models.lance import PRESETS, TASKS, Params
 from lance_ray.spec.models import Job
 
 SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"

@@ -1,8 +1,9 @@
 """Typed configs of the Lance language model and its vision tower.
 
 `LLMConfig` is built from a checkpoint's `llm_config.json` plus the settings the official inference
-script forces on the command line (MoT layers, QK-norm for both experts, untied lm_head, 3-axis MRoPE,
-LANCE_FACTS §1.2); only the fields the model actually reads are kept.  `ViTConfig` comes from
+script forces on the command line (MoT layers, QK-norm for both experts, untied lm_head, 3-axis MRoPE:
+official `inference_lance.py`, `main`, with the defaults of `inference_lance.sh`); only the fields the
+model actually reads are kept.  `ViTConfig` comes from
 `Qwen2.5-VL-ViT/config.json` (or the `vision_config` sub-dict of a full Qwen2.5-VL config).
 `VAEConfig` lives in `vae.py` (its widths are read from the VAE state dict).
 """

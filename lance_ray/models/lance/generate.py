@@ -1,4 +1,6 @@
-"""Batched denoising for t2i / t2v / i2v / image_edit / video_edit (the official KV path, LANCE_FACTS §8).
+"""Batched denoising for t2i / t2v / i2v / image_edit / video_edit.
+
+Reproduces the official KV path (`modeling/lance/lance.py`, `Lance.validation_gen_KVcache`).
 
 Per sample the official code prefills every split before the noisy target into a KV cache -- the
 conditional cache with all of them, the unconditional (CFG) cache with those whose first token is not
@@ -47,11 +49,12 @@ import torch
 
 from . import preprocess
 from .latent import latent_position_index
+from .model import LanceModel
 from .sampler import Schedule, apply_cfg, euler_step, initial_noise
 from .sequence import GenerationLayout, Grid, build_generation
 from .settings import SamplerSettings
 from .tokenizer import LanceTokenizer
-from .transformer import KVCache, LanceModel, Routing, Split
+from .transformer import KVCache, Routing, Split
 
 if TYPE_CHECKING:
     from .vae import WanVAE

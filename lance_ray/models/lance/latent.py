@@ -1,9 +1,12 @@
-"""The small modules between VAE latents and the transformer (LANCE_FACTS §7.3, §8).
+"""The small modules between VAE latents and the transformer (official `modeling/lance/modeling_utils.py`:
+`TimestepEmbedder`, `PositionEmbedding3D`; their use in `modeling/lance/lance.py`,
+`Lance.validation_gen_KVcache`).
 
 A latent token (one VAE voxel, 48 channels) enters the transformer as
     vae2llm(x) + time_embedder(sigma) + sincos_3d(t, h, w)
 and leaves it through `llm2vae` as a velocity.  The 3-D sin-cos table is not a learned weight (the
-official loader drops `latent_pos_embed.pos_embed` from the checkpoint and recomputes it), so we compute
+official loader, `inference_lance.py: init_from_model_path_if_needed`, drops `latent_pos_embed.pos_embed`
+from the checkpoint and the model recomputes it), so we compute
 exactly the rows we need instead of holding a [frames*64*64, H] table.
 """
 

@@ -10,7 +10,7 @@ validated once, by `Params`, then turned into the model's settings by the task (
 `run(task, ...)` is the uniform entry the pipeline's worker uses with settings it built itself.
 
 Media in are uint8 numpy arrays, images `(H, W, 3)`, videos `(T, H, W, 3)` already frame-sampled with
-`preprocess.sample_frame_indices`; media out likewise.  Loaded parts are plain attributes: `model`
+`media_rules.sample_frame_indices`; media out likewise.  Loaded parts are plain attributes: `model`
 (LanceModel), `tokenizer`, `device`, `dtype`, `files`, `load_stats`; `vae` is loaded on first use by a
 generation or editing task.
 """
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from . import preprocess
-from .checkpoint import CheckpointFiles, LoadStats, load_lance_model, resolve_checkpoint
+from .checkpoint import CheckpointFiles, resolve_checkpoint
 from .generate import generate_media, media_rows, text_rows
+from .loader import LoadStats, load_lance_model
 from .sequence import build_understanding
 from .settings import DecodeSettings, GenerationSettings
 from .tasks import TaskSpec, get_task
@@ -62,10 +63,6 @@ class LancePipeline:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         return cls(files, source=source, revision=revision, device=resolve_device(device), dtype=DTYPES[dtype],
                    cache_dir=cache_dir)
-
-    @property
-    def load_seconds(self) -> float:
-        return self.load_stats.seconds
 
     @property
     def vae(self) -> WanVAE:

@@ -2,7 +2,10 @@
 
 Every input image or video reaches the model through two streams, each with its own target area:
 the VAE stream (pixels for the Wan 2.2 VAE, sizes multiple of 16) and the ViT stream (pixels for the
-Qwen2.5-VL vision tower, sizes multiple of 28).  Both streams follow the same recipe (LANCE_FACTS §5):
+Qwen2.5-VL vision tower, sizes multiple of 28).  Both streams follow the same recipe (official
+`data/datasets_custom/validation_dataset.py`, `ValidationDataset.get_video_tensor_online`, with the
+transforms `BucketResize` of `data/video/transforms/bucket_resize.py` and `DivisibleCrop` of
+`data/video/transforms/divisible_crop.py`):
 
 1. choose the bucket (h, w) of the stream's area whose actual w/h ratio is closest to the input's;
 2. crop the input to the bucket's ratio (full-area crop when it fits, else a centred crop spanning the
@@ -10,9 +13,10 @@ Qwen2.5-VL vision tower, sizes multiple of 28).  Both streams follow the same re
 3. centre-crop to a multiple of 16 (VAE: a no-op on buckets) or 28 (ViT, e.g. 192x256 -> 168x252);
 4. normalise: VAE ``(x/255 - 0.5)/0.5``; ViT with the CLIP mean/std.
 
-Videos are first frame-sampled with :func:`sample_frame_indices` (12 fps target, at most 6 s worth of
-frames, 4k+1 frames spread over the whole clip).  The ViT stream needs an even frame count (temporal
-patch 2): images are shown as 2 identical frames, odd clips repeat their last frame.
+Images are decoded with `media_rules.image_to_rgb`; videos are first frame-sampled with
+`media_rules.sample_frame_indices` (12 fps target, at most 6 s worth of frames, 4k+1 frames spread over
+the whole clip).  The ViT stream needs an even frame count (temporal patch 2): images are shown as 2
+identical frames, odd clips repeat their last frame.
 
 Deliberate deviation: where the official ``RandomResizedCrop`` draws a random 0/1-pixel offset (input
 ratio equal to the bucket's up to rounding, crop one pixel smaller than the input), we take the
@@ -28,9 +32,7 @@ API (uint8 arrays are ``[T, H, W, 3]`` RGB; an ``[H, W, 3]`` image is accepted a
     vae_pixels(frames) -> float32 [3, T, H, W] in [-1, 1]      # step 4, VAE
     vit_frames(frames) -> uint8 [T', H, W, 3]                  # even frame count for the ViT
     vit_patches(frames) -> (float32 [N, 1176], (t, h, w))      # ViT input rows + grid_thw
-    sample_frame_indices(total_frames, avg_fps) -> [int]       # which decoded frames to keep
     latent_frames(num_frames), decoded_frames(num_frames), output_size(height, width)
-    image_to_rgb(image: PIL.Image) -> uint8 [H, W, 3]          # official mode conversion
 """
 
 from __future__ import annotations
@@ -41,21 +43,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+# image_to_rgb and sample_frame_indices live in the torch-free media_rules.py; they stay importable from
+# here (re-exported) because they are the first steps of this recipe.
+from .media_rules import VAE_TEMPORAL, image_to_rgb, sample_frame_indices  # noqa: F401
 from .presets import Preset, Stream, buckets, get_preset
 
 DIVISOR = {"vae": 16, "vit": 28}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-VAE_TEMPORAL = 4  # VAE time compression: T frames -> (T - 1) // 4 + 1 latent frames
 VAE_SPATIAL = 16  # VAE space compression
 VIT_PATCH = 14
 VIT_TEMPORAL_PATCH = 2
 VIT_MERGE = 2
-
-SAMPLE_FPS = 12
-MAX_DURATION_S = 6.0
-FALLBACK_FPS = 24  # used by the official sampler when the container reports no frame rate
 
 
 def bucket_size(height: int, width: int, preset: str | Preset, stream: Stream) -> tuple[int, int]:
@@ -138,19 +138,6 @@ def resize_to_bucket(frames: np.ndarray, preset: str | Preset, stream: Stream) -
     return np.ascontiguousarray(_centre_crop(out, bh - bh % d, bw - bw % d))
 
 
-def image_to_rgb(image: Image.Image) -> np.ndarray:
-    """Official image decode: palette -> RGBA, RGBA composited on white, anything else converted to RGB."""
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        bg = Image.new("RGB", image.size, (255, 255, 255))
-        bg.paste(image, mask=image.split()[3])
-        image = bg
-    else:
-        image = image.convert("RGB")
-    return np.asarray(image, dtype=np.uint8).copy()
-
-
 # --------------------------------------------------------------------------------------------------
 # Normalisation and ViT patches
 # --------------------------------------------------------------------------------------------------
@@ -197,25 +184,6 @@ def vit_patches(frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]
 # --------------------------------------------------------------------------------------------------
 # Frames and sizes
 # --------------------------------------------------------------------------------------------------
-def sample_frame_indices(total_frames: int, avg_fps: float) -> list[int]:
-    """Indices of the decoded frames the official sampler keeps (LANCE_FACTS §5.3).
-
-    fps = round(avg_fps) (24 when unknown); n = round(min(total/fps, 6 s) * 12) frames, snapped to 4k+1
-    (down to the previous 4k+1, or n - 3 when n is a multiple of 4); the n indices are an
-    int-truncated linspace over the WHOLE clip, so long clips are subsampled, not cut.  Clips too short
-    for one frame (n < 1, where the official code fails) give [0]."""
-    if total_frames < 1:
-        raise ValueError(f"a video needs at least one frame, got {total_frames}")
-    fps = int(round(avg_fps)) if math.isfinite(avg_fps) else 0
-    if fps <= 0:
-        fps = FALLBACK_FPS
-    duration = min(total_frames / fps, MAX_DURATION_S)
-    n = int(round(duration * SAMPLE_FPS))
-    n = n // VAE_TEMPORAL * VAE_TEMPORAL + 1 if n % VAE_TEMPORAL else n + 1 - VAE_TEMPORAL
-    n = max(n, 1)
-    return np.linspace(0, total_frames - 1, n).astype(np.int64).tolist()
-
-
 def latent_frames(num_frames: int) -> int:
     """Latent frames for num_frames pixel frames (the VAE keeps frames 0..4k, ignoring the rest)."""
     if num_frames < 1:

@@ -1,6 +1,6 @@
 """Flow-matching sampler of Lance: schedule, per-sample initial noise, CFG with global renorm, Euler step.
 
-Facts reproduced (LANCE_FACTS §8):
+Facts reproduced (official `modeling/lance/lance.py`, `Lance.validation_gen_KVcache`):
 
 * Schedule: ``t_i = linspace(1, 0, N + 1)`` and ``σ_i = s·t_i / (1 + (s − 1)·t_i)`` in float32 (s = shift).
   Step i feeds σ_i to the model and integrates ``x ← x − v·(σ_i − σ_{i+1})``; v predicts noise − data.

@@ -12,18 +12,21 @@ API
         gen.token_ids, gen.modality, gen.splits, gen.position_ids       the conditional sample
         gen.target                                                      index of the noisy target split
         gen.prefix_splits_uncond, gen.uncond_target_position_ids        the unconditional (CFG) branch
-        gen.visual_spans, gen.gen_mask, gen.target_latent, gen.source_latent, gen.clean_target_rows
+        gen.visual_spans, gen.gen_mask, gen.source_latent, gen.clean_target_rows
 
 A split is `SplitInfo(start, length, mode, modality)`; modes are the official attention modes:
 "causal" (text), "full" (ViT condition: bidirectional inside, sees everything before), "full_noise"
 (clean VAE condition, attends like "full"), "noise" (the noisy target: the query of every denoising
 step, never seen by anything else).  Modalities: -1 template text, 0 user text (dropped for the
-unconditional branch), 1 noisy target, 2 edit source, 4 ViT condition (LANCE_FACTS §4).
+unconditional branch), 1 noisy target, 2 edit source, 4 ViT condition (official
+`data/datasets_custom/validation_dataset.py`, `ValidationDataset.process_text_template`).
 
 Grids are what the *LLM* sees: a ViT visual of T frames (incl. the duplicate frame) and H x W pixels
 has (T/2, H/28, W/28) merged tokens; a VAE latent (t, h, w) = ((T-1)/4+1, H/16, W/16) voxels.
 
-How the official code builds a sample (and what we reproduce bit for bit, verified against goldens):
+How the official code builds a sample (`data/system_prompt_render.py`: `render_qwenvl_prompt`,
+`expand_and_index_by_token_ids_new`; `data/common.py`: `shift_position_ids`), which we reproduce bit for
+bit (checked against the fixtures in tests/fixtures/golden):
 1. render `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n
    <|im_start|>assistant\\n{assistant}<|im_end|>` (stripped), every visual as
    `<|vision_start|><|video_pad|><|vision_end|>`; tokenize the whole string;
@@ -50,7 +53,6 @@ import torch
 
 from .tokenizer import IM_END, IM_START, VIDEO_PAD, VISION_END, VISION_START, LanceTokenizer
 
-Task = Literal["t2i", "t2v", "i2v", "image_edit", "video_edit"]
 GEN_TASKS: tuple[str, ...] = ("t2i", "t2v", "i2v", "image_edit", "video_edit")
 VisualKind = Literal["vit", "vae_cond", "vae_target"]
 Grid = tuple[int, int, int]
@@ -129,7 +131,6 @@ class UnderstandingLayout:
 
 @dataclass
 class GenerationLayout:
-    task: str
     token_ids: torch.Tensor  # [L]
     modality: torch.Tensor  # [L]
     splits: list[SplitInfo]
@@ -137,7 +138,6 @@ class GenerationLayout:
     target: int  # index into splits of the noisy target
     visual_spans: list[tuple[int, int]]  # in order: (edit) ViT, VAE source, target; (t2i/t2v/i2v) target
     gen_mask: torch.Tensor  # [L] True for VAE-latent tokens (processed by the gen expert)
-    target_latent: Grid
     source_latent: Grid | None
     clean_target_rows: int  # leading target latent rows that stay clean (i2v: latent frame 0)
     prefix_splits_uncond: list[int] = field(default_factory=list)  # split indices fed to the uncond cache
@@ -272,9 +272,6 @@ def mape_shift(pos: torch.Tensor, modality: torch.Tensor, splits: list[SplitInfo
     vit = modality == 4
     if vit.any():
         pos[0, vit] += VIT_COND_TEMPORAL_START - pos[0, vit][0]
-    ref = modality == 3  # "idip" reference images: not produced by any inference task, kept for completeness
-    if ref.any():
-        pos[0, ref] += 2000 - pos[0, ref][0]
     src, tgt = modality == 2, modality == 1
     if src.any() and int(src.sum()) == int(tgt.sum()):
         pos[:, tgt] = pos[:, src]
@@ -283,17 +280,14 @@ def mape_shift(pos: torch.Tensor, modality: torch.Tensor, splits: list[SplitInfo
 
 # ---------------------------------------------------------------------------------------------------
 def build_understanding(tok: LanceTokenizer, question: str, vit_grids: list[Grid], *,
-                        system_prompt: str | None = None, kind: str = "image", tokens_per_second: int = 2,
-                        answer: str = "") -> UnderstandingLayout:
-    """x2t_image / x2t_video: `[system, user: visuals + question]`, generation prompt up to "assistant\\n".
-
-    `answer` only exists to rebuild training-style samples (the goldens carry one); inference leaves it empty.
-    """
+                        system_prompt: str | None = None, kind: str = "image",
+                        tokens_per_second: int = 2) -> UnderstandingLayout:
+    """x2t_image / x2t_video: `[system, user: visuals + question]`, generation prompt up to "assistant\\n"."""
     system = system_prompt if system_prompt is not None else default_understanding_system_prompt(kind)
     _check_user_text(question)
     _check_user_text(system)
     visuals = [Visual("vit", g) for g in vit_grids]
-    sample = _build(tok, system, VISUAL_MARK * len(visuals) + question, answer, visuals, search_text="")
+    sample = _build(tok, system, VISUAL_MARK * len(visuals) + question, "", visuals, search_text="")
     ids = sample.token_ids
     # The prompt ends right after the first "assistant" token that is followed by "\n".
     marker = tok.encode("assistant\n")
@@ -362,8 +356,8 @@ def build_generation(tok: LanceTokenizer, task: str, prompt: str, *, target: Gri
     tgt = sample.splits[target_idx]
     tgt_uncond_start = tgt.start - dropped_before[tgt.start]
     return GenerationLayout(
-        task=task, token_ids=ids, modality=modality, splits=sample.splits, position_ids=pos, target=target_idx,
-        visual_spans=sample.visual_spans, gen_mask=gen_mask, target_latent=target, source_latent=source,
+        token_ids=ids, modality=modality, splits=sample.splits, position_ids=pos, target=target_idx,
+        visual_spans=sample.visual_spans, gen_mask=gen_mask, source_latent=source,
         clean_target_rows=target[1] * target[2] if task == "i2v" else 0,
         prefix_splits_uncond=[i for i, s in enumerate(sample.splits[:target_idx]) if s.modality != USER_TEXT],
         uncond_target_position_ids=uncond_pos[:, tgt_uncond_start:tgt_uncond_start + tgt.length],

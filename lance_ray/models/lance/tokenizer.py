@@ -1,10 +1,10 @@
 """The Qwen2.5-VL tokenizer as Lance uses it, plus the special token ids of the official code.
 
 The official code reads `vocab.json` + `merges.txt` + `tokenizer_config.json` with the slow
-`Qwen2Tokenizer` (LANCE_FACTS §3).  We build the same byte-level BPE from those same files with the
-`tokenizers` library (NFC normalisation, the Qwen2 split regex, no BOS), so `tokenizer.json` is never
-needed and cannot disagree with them.  The golden token ids (made by the slow tokenizer) and an
-independent tiktoken encoding are the tests of this equivalence.
+`Qwen2Tokenizer` (official `modeling/qwen2/tokenization_qwen2.py`).  We build the same byte-level BPE
+from those same files with the `tokenizers` library (NFC normalisation, the Qwen2 split regex, no BOS), so
+`tokenizer.json` is never needed and cannot disagree with them.  The token ids of the parity fixtures
+(made by the slow tokenizer) and an independent tiktoken encoding are the tests of this equivalence.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def build_fast_tokenizer(
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """Ids the official code derives in `add_special_tokens` / from `llm_config.json` (LANCE_FACTS §3)."""
+    """Ids the official code derives in `add_special_tokens` (`data/data_utils.py`) and from
+    `llm_config.json`."""
 
     im_start: int  # also the official "bos_token_id"
     im_end: int  # "eos_token_id": generation stops after emitting it
@@ -102,9 +103,6 @@ class LanceTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids without any added BOS/EOS; special-token strings in `text` map to their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` with special tokens kept (as the official `tokenizer.decode`)."""

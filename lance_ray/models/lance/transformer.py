@@ -1,4 +1,4 @@
-"""Lance's language model: a Qwen2 mixture-of-transformers (MoT) backbone, and `LanceModel`.
+"""Lance's language model: a Qwen2 mixture-of-transformers (MoT) backbone with its KV cache.
 
 API (used by understand.py and generate.py)
 -------------------------------------------
@@ -23,75 +23,33 @@ reads the cache without extending it (the denoising query of generation).  Calls
 exactly one token take a batched path (one masked SDPA over the padded cache); everything else runs
 one SDPA per split (flash / memory-efficient kernels on GPU, never a dense [N, N] mask).
 
-`LanceModel` bundles `llm` (this backbone + embed + lm_head), `vit` (vit.py) and `latent` (latent.py);
-state_dict.py maps the official checkpoint onto it.
+`LanguageModel` (this backbone + embed + lm_head) is the `llm` part of `LanceModel` (model.py).
 
-Numerics follow LANCE_FACTS §7.1-7.2: pre-norm blocks, per-token expert choice for every weight
-(attention projections, QK-norm, MLP, both layer norms and the final norm), QK RMSNorm per head before
-RoPE, GQA, softmax scale 1/sqrt(hd), RMSNorm in float32.
+Numerics follow the official `modeling/lance/qwen2_navit.py` (`Qwen2MoTDecoderLayer`,
+`PackedAttentionMoT`) and the MRoPE of `modeling/qwen2_5_vl/modeling_qwen2_5_vl.py`
+(`Qwen2_5_VLRotaryEmbedding`, `apply_multimodal_rotary_pos_emb`): pre-norm blocks, per-token expert
+choice for every weight (attention projections, QK-norm, MLP, both layer norms and the final norm), QK
+RMSNorm per head before RoPE, GQA, softmax scale 1/sqrt(hd), RMSNorm in float32.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .config import LLMConfig, ViTConfig
-
-# cuDNN attention rebuilds its execution plan for every new sequence length (milliseconds of CPU per
-# call while decoding), so attention is restricted to the flash / memory-efficient / math kernels.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# Long bidirectional queries (the denoising target, visual blocks) keep one shape for every step, so the
-# plan is built once; there cuDNN is the fastest kernel on Hopper (18% off a t2v step on an H100).
-LONG_QUERY_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *SDPA_BACKENDS]
-LONG_QUERY = 1024
-# The element-wise chains of RMSNorm and rotary embedding run as fused kernels (torch.compile) on CUDA:
-# a quarter off a denoising step on an H100. LANCE_RAY_COMPILE=0 turns it off.
-FUSE_ON_GPU = os.environ.get("LANCE_RAY_COMPILE", "1") != "0"
-_compiled: dict = {}
-
-
-def fused_on_gpu(fn):
-    """`fn` compiled into one kernel when its first argument is on a GPU (eager on CPU, and while a CUDA
-    graph is being captured, where compiling is not allowed)."""
-
-    def call(x: torch.Tensor, *args):
-        if FUSE_ON_GPU and x.is_cuda and not torch.cuda.is_current_stream_capturing():
-            if fn not in _compiled:
-                _compiled[fn] = torch.compile(fn, dynamic=True)
-            return _compiled[fn](x, *args)
-        return fn(x, *args)
-
-    return call
+from .config import LLMConfig
+from .layers import LONG_QUERY, LONG_QUERY_BACKENDS, SDPA_BACKENDS, RMSNorm, fused_on_gpu, rotate_half
 
 
 @dataclass(frozen=True)
 class Split:
     length: int
     causal: bool
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-@fused_on_gpu
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class Expert(nn.Module):
@@ -174,20 +132,6 @@ class KVCache:
         else:
             self.lens_t += torch.tensor(added, dtype=torch.long).to(self.lens_t.device, non_blocking=True)
 
-    def select(self, rows: list[int]) -> KVCache:
-        """A new cache holding copies of the given rows (e.g. to duplicate a prefix for several samples)."""
-        out = KVCache.__new__(KVCache)
-        index = torch.tensor(rows, device=self.lens_t.device)
-        out.k = [k.index_select(0, index) for k in self.k]
-        out.v = [v.index_select(0, index) for v in self.v]
-        out.static_decode = self.static_decode
-        out.capacity, out.lens, out.lens_t = (
-            self.capacity,
-            [self.lens[r] for r in rows],
-            self.lens_t[index].clone(),
-        )
-        return out
-
 
 def rotary_cos_sin(
     pos: torch.Tensor, cfg: LLMConfig, dtype: torch.dtype
@@ -211,9 +155,7 @@ def rotary_cos_sin(
 @fused_on_gpu
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [N, heads, hd], cos/sin: [N, hd]
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 class MoTBlock(nn.Module):
@@ -411,22 +353,3 @@ class LanguageModel(nn.Module):
         if cache is not None and update_cache:
             cache.advance([sum(s.length for s in r) for r in rows])
         return route.apply(self.norm_und, self.norm_gen, x)
-
-
-class LanceModel(nn.Module):
-    """Everything in a Lance checkpoint except the VAE: language model, ViT and latent adapters."""
-
-    def __init__(self, llm_cfg: LLMConfig, vit_cfg: ViTConfig) -> None:
-        super().__init__()
-        from .latent import LatentAdapter
-        from .vit import VisionTransformer
-
-        if vit_cfg.out_hidden_size != llm_cfg.hidden_size:
-            raise ValueError(
-                f"ViT output {vit_cfg.out_hidden_size} != LLM hidden {llm_cfg.hidden_size} "
-                "(Lance uses the Qwen2.5-VL ViT without a connector)"
-            )
-        self.llm_cfg, self.vit_cfg = llm_cfg, vit_cfg
-        self.llm = LanguageModel(llm_cfg)
-        self.vit = VisionTransformer(vit_cfg)
-        self.latent = LatentAdapter(llm_cfg)

@@ -1,4 +1,6 @@
-"""Batched understanding (x2t): one ViT pass, one packed prefill, batched decoding (LANCE_FACTS §9).
+"""Batched understanding (x2t): one ViT pass, one packed prefill, batched decoding.
+
+Reproduces the official KV path (`modeling/lance/lance.py`, `Lance.validation_und_KVcache`).
 
 Per sample the official KV path does: prefill the prompt split by split (text causal, ViT block
 bidirectional) except its last token; then feed that last token and every generated token one at a
@@ -14,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import LanceModel
 from .sequence import UnderstandingLayout
 from .tokenizer import IM_END
-from .transformer import KVCache, LanceModel, LanguageModel, Split
+from .transformer import KVCache, LanguageModel, Split
 
 STOP_CHECK_EVERY = 8  # decoding steps between host checks for "all samples finished"
 

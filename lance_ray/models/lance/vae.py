@@ -1,10 +1,11 @@
 """Wan 2.2 VAE (48 latent channels, 16x spatial / 4x temporal), numerically faithful to the official code.
 
-Clean-room PyTorch version of the VAE Lance uses (`Wan2.2_VAE.pth`, LANCE_FACTS §6 / §6.1).  Module and
+Clean-room PyTorch version of the VAE Lance uses (`Wan2.2_VAE.pth`; official `modeling/vae/wan/vae2_2.py`,
+`WanVAE_` and `Wan2_2_VAE`, driven by `modeling/vae/wan/model.py`, `WanVideoVAE`).  Module and
 parameter names follow the official state dict, so the official file loads with strict checking and no
 key mapping.  Widths come from the checkpoint's tensor shapes (the official file carries no config):
 ``VAEConfig.from_state_dict(sd)``; ``VAEConfig.wan22()`` is the official size (encoder 160 / decoder 256),
-``VAEConfig.small()`` the 16 / 32 model of the `golden/vae_small` parity fixtures.
+``VAEConfig.small()`` the 16 / 32 model of the `tests/fixtures/golden/vae_small` parity fixtures.
 
 Public API::
 
@@ -91,7 +92,7 @@ class VAEConfig:
 
     @classmethod
     def small(cls) -> VAEConfig:
-        """The small-width model of golden/vae_small (10,497,388 parameters), for fast tests."""
+        """The small-width model of the vae_small parity fixtures (10,497,388 parameters), for fast tests."""
         return cls(dim=16, dec_dim=32)
 
     @classmethod
@@ -494,13 +495,13 @@ def load_vae(
 def random_vae_state_dict(
     config: VAEConfig, seed: int, tag_prefix: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Deterministic random float32 weights in the official key layout (golden/README.md §10).
+    """Deterministic random float32 weights in the official key layout (recipe: docs/model-facts.md).
 
     Each tensor draws float32 standard normals from numpy PCG64 seeded with [seed, crc32(tag_prefix + key)]:
     conv weights N(0, 1/fan_in), biases N(0, 0.02^2), RMS gains 1 + N(0, 0.05^2); the log-variance half of
-    ``conv1.bias`` is -4 (posterior std ~0.14).  tag_prefix defaults to "vae." for the official size (the
-    team's full-size tiny VAE, harness make_tiny_checkpoint.py) and "vae_small." otherwise, so that
-    ``random_vae_state_dict(VAEConfig.small(), 0)`` is the golden/vae_small model bit for bit."""
+    ``conv1.bias`` is -4 (posterior std ~0.14).  tag_prefix defaults to "vae." for the official size and
+    "vae_small." otherwise, so that ``random_vae_state_dict(VAEConfig.small(), 0)`` is the model of the
+    tests/fixtures/golden/vae_small fixtures bit for bit."""
     if tag_prefix is None:
         tag_prefix = "vae." if config == VAEConfig.wan22() else "vae_small."
     with torch.device("meta"):

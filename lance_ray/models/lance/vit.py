@@ -1,4 +1,7 @@
-"""The Qwen2.5-VL vision tower used by Lance (LANCE_FACTS §7.5), with per-window batched attention.
+"""The Qwen2.5-VL vision tower used by Lance, with per-window batched attention.
+
+Numerics follow the official `modeling/vit/qwen2_5_vl_vit.py`
+(`Qwen2_5_VisionTransformerPretrainedModel`, `Qwen2_5_VLVisionBlock`, `Qwen2_5_VLPatchMerger`).
 
 Input: patch rows `[N, C*Tp*P*P]` (1176 for the real config) of one or more visuals, each in the
 official order (t', h/2, w/2, dy, dx) -- i.e. every 2x2 group of patches that the merger fuses is
@@ -19,7 +22,7 @@ from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 from .config import ViTConfig
-from .transformer import SDPA_BACKENDS, RMSNorm
+from .layers import SDPA_BACKENDS, RMSNorm, rotate_half
 
 
 class VisionBlock(nn.Module):
@@ -49,8 +52,7 @@ class VisionBlock(nn.Module):
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Computed in float32 as the reference does, whatever the activation dtype.  x: [n, heads, hd]
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]).to(x.dtype)
+    return (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)
 
 
 def _segment_attention(
