@@ -53,13 +53,13 @@ from .model import LanceModel
 from .sampler import Schedule, apply_cfg, euler_step, initial_noise
 from .sequence import GenerationLayout, Grid, build_generation
 from .settings import SamplerSettings
+from .tasks import TaskSpec, get_task
 from .tokenizer import LanceTokenizer
 from .transformer import KVCache, Routing, Split
 
 if TYPE_CHECKING:
     from .vae import WanVAE
 
-EDIT_TASKS = ("image_edit", "video_edit")
 
 
 @dataclass
@@ -87,7 +87,7 @@ class StepInfo:
     v: torch.Tensor  # [B, N_target, 48] velocity after CFG + renorm (== v_cond without CFG)
 
 
-def _check_inputs(task: str, inputs: list[GenerationInput], hidden: int) -> None:
+def _check_inputs(task: TaskSpec, inputs: list[GenerationInput], hidden: int) -> None:
     if not inputs:
         raise ValueError("no inputs")
     target = inputs[0].target
@@ -95,23 +95,23 @@ def _check_inputs(task: str, inputs: list[GenerationInput], hidden: int) -> None
         if inp.target != target:
             raise ValueError(f"one batch needs one target shape, got {inp.target} and {target}")
         t, h, w = inp.target
-        if task == "t2i" and t != 1:
-            raise ValueError(f"t2i targets one latent frame, got {inp.target}")
-        if task in EDIT_TASKS:
+        if task.output == "image" and t != 1:
+            raise ValueError(f"{task.name} targets one latent frame, got {inp.target}")
+        if task.conditioning == "source":
             if inp.vit_tokens is None or inp.vit_grid is None or inp.cond_latent is None:
-                raise ValueError(f"{task} needs vit_tokens, vit_grid and cond_latent")
+                raise ValueError(f"{task.name} needs vit_tokens, vit_grid and cond_latent")
             gt, gh, gw = inp.vit_grid
             if tuple(inp.vit_tokens.shape) != (gt * gh * gw, hidden):
                 raise ValueError(f"vit_tokens {tuple(inp.vit_tokens.shape)} do not match grid {inp.vit_grid}")
             if tuple(inp.cond_latent.shape) != (t, h, w, 48):
                 raise ValueError(f"source latent {tuple(inp.cond_latent.shape)} must be the target's {(t, h, w, 48)}")
-        elif task == "i2v":
+        elif task.conditioning == "first_frame":
             if inp.cond_latent is None or tuple(inp.cond_latent.shape) != (1, h, w, 48):
-                raise ValueError(f"i2v needs the first frame's latent of shape {(1, h, w, 48)}")
+                raise ValueError(f"{task.name} needs the first frame's latent of shape {(1, h, w, 48)}")
             if t < 2:
-                raise ValueError("i2v needs at least 2 latent frames (5 output frames)")
+                raise ValueError(f"{task.name} needs at least 2 latent frames (5 output frames)")
         elif inp.vit_tokens is not None or inp.cond_latent is not None:
-            raise ValueError(f"{task} takes no visual conditions")
+            raise ValueError(f"{task.name} takes no visual conditions")
 
 
 def _prefix_embeddings(model: LanceModel, layout: GenerationLayout, inp: GenerationInput) -> torch.Tensor:
@@ -139,7 +139,7 @@ def _prefix_embeddings(model: LanceModel, layout: GenerationLayout, inp: Generat
 def denoise(
     model: LanceModel,
     tokenizer: LanceTokenizer,
-    task: str,
+    task: TaskSpec | str,
     inputs: list[GenerationInput],
     settings: SamplerSettings,
     *,
@@ -149,18 +149,20 @@ def denoise(
 
     The latents are in the model's dtype (the official code keeps x_t in it), ready for the VAE decoder.
     """
+    task = get_task(task) if isinstance(task, str) else task
     llm = model.llm
     device, dtype = llm.embed.weight.device, llm.embed.weight.dtype
     _check_inputs(task, inputs, llm.cfg.hidden_size)
     B = len(inputs)
+    edit = task.conditioning == "source"
     layouts = [
         build_generation(
             tokenizer,
-            task,
+            task.name,
             inp.prompt,
             target=inp.target,
             vit_grids=[inp.vit_grid] if inp.vit_grid is not None else None,
-            source=inp.target if task in EDIT_TASKS else None,
+            source=inp.target if edit else None,
             tokens_per_second=llm.cfg.tokens_per_second,
         )
         for inp in inputs
@@ -172,7 +174,7 @@ def denoise(
     n_target = t * h * w
     n_clean = layouts[0].clean_target_rows  # i2v: latent frame 0 rides along in the query, never updated
     n_denoised = n_target - n_clean
-    n_source = n_target if task in EDIT_TASKS else 0  # the noise draw covers every latent row of a sample
+    n_source = n_target if edit else 0  # the noise draw covers every latent row of a sample
     x = torch.stack([initial_noise(inp.seed, n_source + n_target, keep_last=n_denoised) for inp in inputs])
     x = x.to(device=device, dtype=dtype)  # [B, N_denoised, 48]
     clean = None
@@ -321,16 +323,16 @@ def _vit_conditions(model: LanceModel, frames: list[np.ndarray], preset: str) ->
 
 
 @torch.inference_mode()
-def _batch_inputs(model: LanceModel, vae: WanVAE | None, task: str, rows: list[MediaRow], preset: str
+def _batch_inputs(model: LanceModel, vae: WanVAE | None, task: TaskSpec, rows: list[MediaRow], preset: str
                   ) -> list[GenerationInput]:
-    if task in ("t2i", "t2v"):
+    if task.conditioning == "none":
         return [GenerationInput(r.prompt, r.target, r.seed) for r in rows]
     frames = [r.media for r in rows]
     # The VAE stream sees frames 0..4(t-1) (the encoder ignores the rest) -- i2v: the image alone.
-    vae_frames = [f[: 4 * (r.target[0] - 1) + 1] if task in EDIT_TASKS else f[:1]
+    vae_frames = [f[: 4 * (r.target[0] - 1) + 1] if task.conditioning == "source" else f[:1]
                   for f, r in zip(frames, rows, strict=True)]
     latents = _sampled_latents(vae, vae_frames, preset, [r.seed for r in rows])
-    if task == "i2v":
+    if task.conditioning == "first_frame":
         return [GenerationInput(r.prompt, r.target, r.seed, cond_latent=z) for r, z in zip(rows, latents, strict=True)]
     vit = _vit_conditions(model, frames, preset)
     return [
@@ -343,7 +345,7 @@ def generate_media(
     model: LanceModel,
     tokenizer: LanceTokenizer,
     vae: WanVAE | None,
-    task: str,
+    task: TaskSpec | str,
     rows: list[MediaRow],
     settings: SamplerSettings,
     *,
@@ -357,9 +359,10 @@ def generate_media(
     or with `return_latents` the float32 CPU target latents [t, h, w, 48].  `preset` sizes the conditioning
     media (edits, i2v).  `vae` may be None only for t2i/t2v with `return_latents`.
     """
+    task = get_task(task) if isinstance(task, str) else task
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    image_out = task in ("t2i", "image_edit")
+    image_out = task.output == "image"
     results: list = [None] * len(rows)
     by_shape = sorted(range(len(rows)), key=lambda i: rows[i].target)
     for _, group in groupby(by_shape, key=lambda i: rows[i].target):

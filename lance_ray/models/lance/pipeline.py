@@ -145,7 +145,7 @@ class LancePipeline:
             rows = text_rows(prompts, settings.height, settings.width, settings.frames or 1, seeds)
         else:
             rows = media_rows(media, prompts, settings.preset, seeds, frames=settings.frames)
-        return generate_media(self.model, self.tokenizer, self.vae, task.name, rows, settings.sampler,
+        return generate_media(self.model, self.tokenizer, self.vae, task, rows, settings.sampler,
                               preset=settings.preset, max_batch_size=max_batch_size)
 
     def _understand(self, media: list[np.ndarray], questions: list[str | None], kind: str, seeds: list[int],

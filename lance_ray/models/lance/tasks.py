@@ -87,6 +87,15 @@ class TaskSpec:
         return frozenset(self.defaults)
 
     @property
+    def conditioning(self) -> Literal["none", "source", "first_frame"]:
+        """What a generation task conditions on besides text: nothing (t2i, t2v); the whole source, through
+        the ViT and the VAE (edits: media in and out of one kind); or one image that becomes the first
+        latent frame of a video (i2v)."""
+        if self.input_media is None:
+            return "none"
+        return "source" if self.input_media == self.output else "first_frame"
+
+    @property
     def carries(self) -> frozenset[MediaKind]:
         """Media a row of this task's output offers a `from_step` reader: what it generated, plus the
         input media it copies through (a caption row still points at its image)."""
