@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from lance_ray.errors import ClusterError, LanceRayError, RunError
 from lance_ray.io import storage
@@ -24,6 +25,9 @@ from lance_ray.pipeline import sinks, sources
 from lance_ray.pipeline.planner import Group, Plan, make_plan, runs_side_by_side
 from lance_ray.pipeline.worker import LanceWorker, StepContext, finish_rows, prepare_rows
 from lance_ray.spec import Job, Step
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 SUMMARY_PREFIX = "LANCE_RAY_SUMMARY "
@@ -156,48 +160,65 @@ class JobRunner:
             raise RunError(f"checkpoint group {family} failed: {type(exc).__name__}: {exc}") from exc
 
     def run_group(self, group: Group) -> None:
-        from ray.data import ActorPoolStrategy
-
-        job = self.job
-        contexts = {planned.step.name: _step_context(job, planned.step) for planned in group.steps}
+        """One checkpoint group: open each step's rows (minus those already committed), run them through
+        one Ray Data pipeline, count what comes back, then write each step's manifest."""
+        contexts = {planned.step.name: _step_context(self.job, planned.step) for planned in group.steps}
         summaries: dict[str, StepSummary] = {}
         datasets = []
         for planned in group.steps:
-            step, ctx = planned.step, contexts[planned.step.name]
-            summary = StepSummary(step.name, step.task, ctx.output_uri)
-            summaries[step.name] = summary
-            if self.overwrite:
-                sinks.reset(ctx.output_uri)
-            if storage.remove_stale_temp_files(ctx.output_uri):
-                log.info("%s: removed partial files of an interrupted run", ctx.output_uri)
-            upstream = (
-                {step.input.from_step: job.step(step.input.from_step).output_path(job)}
-                if step.input.from_step
-                else None
-            )
-            source = sources.open_source(step, job, upstream)
-            # Failed rows count as done unless asked to retry them; a retried row's newest part wins.
-            committed = sinks.committed_row_ids(ctx.output_uri, include_errors=not self.retry_failed)
-            if committed:  # only a resumed step needs its ids in the driver
-                row_ids = [row["row_id"] for row in source.iter_rows()]
-                summary.rows = len(row_ids)
-                summary.skipped = sum(1 for row_id in row_ids if row_id in committed)
-            else:
-                counted = self.row_counts.get(step.name)
-                summary.rows = source.count() if counted is None else counted
-            if summary.rows > summary.skipped:  # a fully committed step starts no actor
-                datasets.append(source.to_dataset(exclude_row_ids=committed))
+            summary, dataset = self._open_step(planned.step, contexts[planned.step.name])
+            summaries[planned.step.name] = summary
+            if dataset is not None:
+                datasets.append(dataset)
         with self._lock:
             self.summary.steps.extend(summaries.values())
         if not datasets:
             log.info("group %s: every row already committed, nothing to run", group.family)
             return
         started = time.perf_counter()
+        ds = self._pipeline(group, datasets, contexts, pending=sum(s.rows - s.skipped for s in summaries.values()))
+        if not self._drain(ds, summaries, f"{group.family} [{', '.join(summaries)}]"):
+            return  # cancelled: a sibling group failed
+        elapsed = time.perf_counter() - started
+        for summary in summaries.values():
+            summary.elapsed_s = round(elapsed, 3)
+            self._write_manifest(summary, group)
+
+    def _open_step(self, step: Step, ctx: StepContext) -> tuple[StepSummary, ray.data.Dataset | None]:
+        """A step's rows still to do, as a Dataset (None when every row is already committed)."""
+        job = self.job
+        summary = StepSummary(step.name, step.task, ctx.output_uri)
+        if self.overwrite:
+            sinks.reset(ctx.output_uri)
+        if storage.remove_stale_temp_files(ctx.output_uri):
+            log.info("%s: removed partial files of an interrupted run", ctx.output_uri)
+        upstream = (
+            {step.input.from_step: job.step(step.input.from_step).output_path(job)}
+            if step.input.from_step
+            else None
+        )
+        source = sources.open_source(step, job, upstream)
+        # Failed rows count as done unless asked to retry them; a retried row's newest part wins.
+        committed = sinks.committed_row_ids(ctx.output_uri, include_errors=not self.retry_failed)
+        if committed:  # only a resumed step needs its ids in the driver
+            row_ids = [row["row_id"] for row in source.iter_rows()]
+            summary.rows = len(row_ids)
+            summary.skipped = sum(1 for row_id in row_ids if row_id in committed)
+        else:
+            counted = self.row_counts.get(step.name)
+            summary.rows = source.count() if counted is None else counted
+        if summary.rows <= summary.skipped:  # a fully committed step starts no actor
+            return summary, None
+        return summary, source.to_dataset(exclude_row_ids=committed)
+
+    def _pipeline(self, group: Group, datasets: list, contexts: dict[str, StepContext], pending: int):
+        """read → prepare (CPU) → LanceWorker pool (GPU) → finish (CPU), as one lazy Dataset."""
+        from ray.data import ActorPoolStrategy
+
         batch_sizes = {planned.step.name: planned.batch_size for planned in group.steps}
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         # Ray Data hands each actor whole blocks: a small step read as one block would keep every GPU
         # but one idle. Rows here are only prompts and URIs, so re-blocking them costs little.
-        pending = sum(s.rows - s.skipped for s in summaries.values())
         ds = ds.repartition(_block_count(pending, max(batch_sizes.values()), group.actors))
         # Distinct CPU requests keep Ray Data from fusing the CPU stages into the GPU actor.
         ds = ds.map_batches(prepare_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=2,
@@ -205,7 +226,7 @@ class JobRunner:
         ds = ds.map_batches(
             LanceWorker,
             fn_constructor_kwargs={
-                "model": job.model_for(group.family),
+                "model": self.job.model_for(group.family),
                 "family": group.family,
                 "steps": contexts,
                 "batch_sizes": batch_sizes,
@@ -217,42 +238,48 @@ class JobRunner:
             num_gpus=group.gpus_per_actor,
             num_cpus=1,
         )
-        ds = ds.map_batches(
+        return ds.map_batches(
             finish_rows, fn_kwargs={"steps": contexts}, batch_format="pyarrow", batch_size=None, num_cpus=0.5
         )
-        bar = _progress_bar(pending, f"{group.family} [{', '.join(summaries)}]", self.progress)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if self._cancelled.is_set():  # a sibling group failed: stop (closing the iterator stops Ray Data)
-                bar.close()
-                return
-            for step_name, error in zip(
-                batch.column("step").to_pylist(), batch.column("error").to_pylist(), strict=True
-            ):
-                if error is None:
-                    summaries[step_name].ok += 1
-                else:
-                    summaries[step_name].failed += 1
-            bar.update(batch.num_rows)
-            bar.set_postfix(failed=sum(s.failed for s in summaries.values()))
-        bar.close()
-        elapsed = time.perf_counter() - started
-        for summary in summaries.values():
-            summary.elapsed_s = round(elapsed, 3)
-            sinks.write_manifest(
-                summary.output,
-                {
-                    "step": summary.name,
-                    "task": summary.task,
-                    "job": job.name,
-                    "run_id": self.summary.run_id,
-                    "rows": summary.rows,
-                    "ok_this_run": summary.ok,
-                    "failed_this_run": summary.failed,
-                    "skipped": summary.skipped,
-                    "model": job.model_for(group.family).model_dump(mode="json"),
-                    "finished_at": datetime.now(timezone.utc).isoformat(),
-                },
-            )
+
+    def _drain(self, ds, summaries: dict[str, StepSummary], label: str) -> bool:
+        """Pull the committed (step, row_id, error) records through the pipeline, counting them; False when
+        the run was cancelled on the way."""
+        pending = sum(s.rows - s.skipped for s in summaries.values())
+        bar = _progress_bar(pending, label, self.progress)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if self._cancelled.is_set():  # a sibling group failed: closing the iterator stops Ray Data
+                    return False
+                for step_name, error in zip(
+                    batch.column("step").to_pylist(), batch.column("error").to_pylist(), strict=True
+                ):
+                    if error is None:
+                        summaries[step_name].ok += 1
+                    else:
+                        summaries[step_name].failed += 1
+                bar.update(batch.num_rows)
+                bar.set_postfix(failed=sum(s.failed for s in summaries.values()))
+        finally:
+            bar.close()
+        return True
+
+    def _write_manifest(self, summary: StepSummary, group: Group) -> None:
+        sinks.write_manifest(
+            summary.output,
+            {
+                "step": summary.name,
+                "task": summary.task,
+                "job": self.job.name,
+                "run_id": self.summary.run_id,
+                "rows": summary.rows,
+                "ok_this_run": summary.ok,
+                "failed_this_run": summary.failed,
+                "skipped": summary.skipped,
+                "model": self.job.model_for(group.family).model_dump(mode="json"),
+                "finished_at": datetime.now(timezone.utc).isoformat(),
+            },
+        )
 
 
 def _block_count(rows: int, batch_size: int, actors: int) -> int:
