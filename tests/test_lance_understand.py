@@ -16,12 +16,23 @@ from lance_ray.models.lance.media_rules import image_to_rgb
 from lance_ray.models.lance.pipeline import LancePipeline
 from lance_ray.models.lance.preprocess import resize_to_bucket, vit_frames, vit_patches
 from lance_ray.models.lance.sequence import build_understanding
-from lance_ray.models.lance.understand import generate_text, prompt_embeddings
+from lance_ray.models.lance.understand import (
+    DecodeEngine,
+    Request,
+    answer_all,
+    capacity_for,
+    prompt_embeddings,
+)
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
-def _greedy(max_new_tokens: int, batch: int = 1) -> dict:
-    """Decoding arguments of the official default: greedy, seeds unused."""
-    return {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "seeds": [0] * batch}
+def _decode(pipe: LancePipeline, layouts, vit_tokens, *, max_new_tokens: int, eos_id: int | None = None,
+            slots: int | None = None):
+    """Greedy answers (the official default) through the continuous-batching engine, one visual per row."""
+    requests = [Request(lay, max_new_tokens, vit_tokens=[vit]) for lay, vit in zip(layouts, vit_tokens, strict=True)]
+    engine = DecodeEngine(pipe.model, eos_id=pipe.tokenizer.special.im_end if eos_id is None else eos_id,
+                          vocab_limit=len(pipe.tokenizer), slots=slots or len(requests),
+                          capacity=capacity_for(requests), keep_first_logits=True)
+    return answer_all(engine, requests)
 
 
 CASES = {"x2t_image": ("image", "image_256res"), "x2t_video": ("video", "video_192p")}
@@ -72,11 +83,10 @@ def test_intermediates_match_official(pipes, task: str) -> None:
     with torch.inference_mode():
         emb = prompt_embeddings(pipe.model, layout, [vit])
     torch.testing.assert_close(emb[:-1], g["prefill_query_embeds"], atol=1e-4, rtol=1e-4)
-    res = generate_text(pipe.model, [layout], [[vit]], eos_id=pipe.tokenizer.special.im_end,
-                        vocab_limit=len(pipe.tokenizer), **_greedy(24))
-    assert res.ids[0] == g["generated_ids"].tolist()
+    (answer,) = _decode(pipe, [layout], [vit], max_new_tokens=24)
+    assert answer.ids == g["generated_ids"].tolist()
     ids = g["logits_step0_top100_ids"]
-    torch.testing.assert_close(res.first_logits[0, ids], g["logits_step0_top100_values"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(answer.first_logits[ids], g["logits_step0_top100_values"], atol=1e-3, rtol=0)
 
 
 def _variants() -> tuple[list[np.ndarray], list[str]]:
@@ -121,10 +131,9 @@ def test_each_sample_stops_at_its_own_eos(pipes) -> None:
     stop = official[3]  # pretend the 4th greedy token is <|im_end|>: that sample must stop there
     short = build_understanding(pipe.tokenizer, question, [(t, h // 2, w // 2)], system_prompt=system)
     other = build_understanding(pipe.tokenizer, "Something else entirely?", [(t, h // 2, w // 2)])
-    res = generate_text(pipe.model, [short, other], [[vit], [vit]], eos_id=stop, vocab_limit=len(pipe.tokenizer),
-                        **_greedy(12, batch=2))
-    assert res.ids[0] == official[:4]
-    assert len(res.ids[1]) == 12 or res.ids[1][-1] == stop
+    first, second = _decode(pipe, [short, other], [vit, vit], max_new_tokens=12, eos_id=stop)
+    assert first.ids == official[:4]
+    assert len(second.ids) == 12 or second.ids[-1] == stop
 
 
 @pytest.mark.slow
@@ -138,7 +147,55 @@ def test_bfloat16_is_close_to_official_bf16(tiny_ckpt: Path, task: str) -> None:
     cos = torch.nn.functional.cosine_similarity(vit.float().flatten(), g["vit_out_0"].flatten(), dim=0)
     assert cos > 0.999
     layout = build_understanding(pipe.tokenizer, question, [(t, h // 2, w // 2)], system_prompt=system)
-    res = generate_text(pipe.model, [layout], [[vit]], eos_id=pipe.tokenizer.special.im_end,
-                        vocab_limit=len(pipe.tokenizer), **_greedy(3))
+    (answer,) = _decode(pipe, [layout], [vit], max_new_tokens=3)
     # bf16 rounding differs from the reference's bf16 flow; the first tokens still agree.
-    assert res.ids[0] == g["generated_ids"][:3].tolist()
+    assert answer.ids == g["generated_ids"][:3].tolist()
+
+
+def test_continuous_batching_gives_each_row_its_answer_alone(pipes) -> None:
+    """8 rows of different sizes, questions and lengths through 3 slots: rows end at different steps and
+    their slots are refilled while the others decode; every answer equals the row decoded alone."""
+    pipe = pipes["image"]
+    images, questions = _variants()
+    settings = pipe_settings(max_new_tokens=9)
+    lengths = [3, 9, 5, 1, 7, 2, 9, 4]
+    requests = [pipe.understanding_request(i, q, kind="image", settings=settings, seed=0, max_new_tokens=n)
+                for i, q, n in zip(images, questions, lengths, strict=True)]
+    engine = pipe.new_engine(requests, max_slots=3)
+    assert len(engine.slots) == 3
+    together = [a.ids for a in answer_all(engine, requests)]
+    alone = [[a.ids for a in answer_all(pipe.new_engine([r], max_slots=1), [r])][0] for r in requests]
+    assert together == alone
+    assert [len(ids) for ids in together] == lengths  # random weights rarely stop early: lengths are the caps
+    sampled = [pipe.understanding_request(i, q, kind="image", settings=pipe_settings(temperature=1.0, top_p=0.9),
+                                          seed=s, max_new_tokens=6) for i, q, s in zip(images, questions, range(8), strict=True)]
+    together = [a.ids for a in answer_all(pipe.new_engine(sampled, max_slots=3), sampled)]
+    alone = [answer_all(pipe.new_engine([r], max_slots=1), [r])[0].ids for r in sampled]
+    assert together == alone and len({tuple(ids) for ids in together}) > 1
+
+
+def pipe_settings(**params):
+    from lance_ray.models.lance import TASKS
+
+    return TASKS["x2t_image"].settings_for(preset="image_256res", **params)
+
+
+def test_understanding_only_leaves_generation_weights_unloaded(tiny_ckpt: Path) -> None:
+    pipe = LancePipeline.from_pretrained(str(tiny_ckpt), family="image", device="cpu", dtype="float32",
+                                         understanding_only=True)
+    gen = [n for n, p in pipe.model.named_parameters() if pipe.model.generation_only(n)]
+    assert gen and all(p.is_meta for n, p in pipe.model.named_parameters() if n in gen)
+    assert not any(p.is_meta for n, p in pipe.model.named_parameters() if n not in gen)
+    image = _media("x2t_image")
+    full = LancePipeline.from_pretrained(str(tiny_ckpt), family="image", device="cpu", dtype="float32")
+    kw = {"preset": "image_256res", "max_new_tokens": 5}
+    assert pipe.x2t_image([image], ["What is it?"], **kw) == full.x2t_image([image], ["What is it?"], **kw)
+    with pytest.raises(ValueError, match="understanding_only"):
+        pipe.t2i(["a cat"], height=32, width=32, steps=1)
+
+
+def test_vit_patches_of_a_tensor_equal_those_of_an_array() -> None:
+    frames = resize_to_bucket(_media("x2t_video"), "video_192p", "vit")  # odd frame count: padded
+    from_array, grid = vit_patches(frames)
+    from_tensor, grid_t = vit_patches(torch.from_numpy(frames))
+    assert grid == grid_t and torch.equal(from_array, from_tensor)

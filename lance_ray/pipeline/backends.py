@@ -26,19 +26,24 @@ Settings = DecodeSettings | GenerationSettings
 @dataclass
 class TaskInput:
     """One row's model inputs: its prompt, its seed and its decoded input media (if the task takes any):
-    uint8 [H, W, 3] for an image, frame-sampled uint8 [T, H, W, 3] for a video."""
+    uint8 [H, W, 3] for an image, frame-sampled uint8 [T, H, W, 3] for a video. Understanding rows come
+    already resized to the ViT stream by the CPU stage (`resized`)."""
 
     prompt: str | None
     seed: int
     media: np.ndarray | None = None
+    resized: bool = False
+    max_new_tokens: int | None = None  # understanding: this row's own cap (else the step's)
 
 
 @dataclass
 class TaskOutput:
-    """One row's result: `text` for understanding, `pixels` (uint8 [H, W, 3] or [T, H, W, 3]) otherwise."""
+    """One row's result: `text` for understanding, `pixels` (uint8 [H, W, 3] or [T, H, W, 3]) otherwise,
+    or `error` when this row alone failed."""
 
     text: str | None = None
     pixels: np.ndarray | None = None
+    error: str | None = None
 
 
 class Backend(Protocol):
@@ -51,27 +56,48 @@ class Backend(Protocol):
 
 
 class LanceBackend:
-    """The clean-room Lance implementation (lance_ray.models.lance)."""
+    """The clean-room Lance implementation (lance_ray.models.lance), driven by one GPU thread
+    (`serving.GpuLoop`): caption rows from every concurrent call share its continuous-batching engine,
+    generation calls run whole in between. Safe to call from several threads."""
 
     name = "lance"
 
-    def __init__(self, model: ModelRef, family: str) -> None:
+    def __init__(self, model: ModelRef, family: str, *, understanding_only: bool = False) -> None:
         from lance_ray.models.lance import LancePipeline
+        from lance_ray.pipeline.serving import GpuLoop
 
         self.pipeline = LancePipeline.from_pretrained(
-            model.source, family=family, revision=model.revision, device=model.device, dtype=model.precision
+            model.source, family=family, revision=model.revision, device=model.device, dtype=model.precision,
+            understanding_only=understanding_only,
         )
+        self.gpu = GpuLoop(self.pipeline)
         self.model_id = model.source
         self.model_revision = self.pipeline.revision or model.revision or "local"
         self.load_info = dataclasses.asdict(self.pipeline.load_stats)
 
     def run(self, task: TaskSpec, inputs: list[TaskInput], settings: Settings) -> list[TaskOutput]:
+        if isinstance(settings, DecodeSettings):
+            return self._understand(task, inputs, settings)
         media = None if task.input_media is None else [row.media for row in inputs]
-        results = self.pipeline.run(task, media, [row.prompt or "" for row in inputs],
-                                    seeds=[row.seed for row in inputs], settings=settings)
-        if task.output == "text":
-            return [TaskOutput(text=text) for text in results]
-        return [TaskOutput(pixels=pixels) for pixels in results]
+        pixels = self.gpu.call(lambda: self.pipeline.run(task, media, [row.prompt or "" for row in inputs],
+                                                         seeds=[row.seed for row in inputs], settings=settings))
+        return [TaskOutput(pixels=p) for p in pixels]
+
+    def _understand(self, task: TaskSpec, inputs: list[TaskInput], settings: DecodeSettings) -> list[TaskOutput]:
+        requests, outputs = [], [TaskOutput() for _ in inputs]
+        for index, row in enumerate(inputs):
+            try:  # tokenising and layout happen here, on the caller's thread, not the GPU's
+                requests.append(self.pipeline.understanding_request(
+                    row.media, row.prompt, kind=task.input_media, settings=settings, seed=row.seed,
+                    max_new_tokens=row.max_new_tokens, resized=row.resized, tag=index))
+            except Exception as exc:
+                outputs[index].error = f"{type(exc).__name__}: {exc}"
+        for request, future in zip(requests, self.gpu.answer(requests), strict=True):
+            try:
+                outputs[request.tag].text = self.pipeline.decode_answer(future.result())
+            except Exception as exc:
+                outputs[request.tag].error = f"{type(exc).__name__}: {exc}"
+        return outputs
 
 
 class DebugBackend:
@@ -104,7 +130,9 @@ class DebugBackend:
         return TaskOutput(pixels=pixels[0] if task.output == "image" else pixels)
 
 
-def load_backend(model: ModelRef, family: str) -> Backend:
+def load_backend(model: ModelRef, family: str, *, understanding_only: bool = False) -> Backend:
+    """The actor's backend; `understanding_only` (every step of the group writes text) lets the model
+    leave its generation weights unloaded."""
     if model.backend == "debug":
         return DebugBackend(model, family)
-    return LanceBackend(model, family)
+    return LanceBackend(model, family, understanding_only=understanding_only)

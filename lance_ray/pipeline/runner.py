@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SUMMARY_PREFIX = "LANCE_RAY_SUMMARY "
+CALLS_PER_ACTOR = 4  # batches a GPU actor works on at once (its backend serialises the GPU work itself)
 
 
 @dataclass
@@ -234,7 +235,10 @@ class JobRunner:
             },
             batch_format="pyarrow",
             batch_size=max(batch_sizes.values()),
-            compute=ActorPoolStrategy(size=group.actors),
+            # Several batches in flight per actor, run by concurrent calls: while one batch's rows decode,
+            # the next ones are already in the actor and join the decode engine as slots free up.
+            compute=ActorPoolStrategy(size=group.actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                      enable_true_multi_threading=True),
             num_gpus=group.gpus_per_actor,
             num_cpus=1,
         )

@@ -40,6 +40,7 @@ from jinja2 import TemplateError
 
 from lance_ray.errors import InputError
 from lance_ray.io.storage import filesystem_for, is_local, join_uri, safe_token, sanitize, short_hash, to_uri
+from lance_ray.models.lance import MAX_NEW_TOKENS
 from lance_ray.pipeline.sinks import read_step_output
 from lance_ray.spec import PROMPT_COLUMNS, ColumnMap, Job, Step, compile_prompt_template
 from lance_ray.spec.rows import source_table
@@ -219,6 +220,7 @@ def _column_candidates(columns: ColumnMap, from_step: bool) -> dict[str, tuple[t
     defaults = {
         "prompt": () if from_step else PROMPT_COLUMNS,
         "seed": () if from_step else ("seed",),
+        "max_new_tokens": () if from_step else ("max_new_tokens",),
         "image": ("image",),
         "video": ("video",),
         "row_id": ("row_id",),
@@ -226,6 +228,7 @@ def _column_candidates(columns: ColumnMap, from_step: bool) -> dict[str, tuple[t
     mapped = {
         "prompt": columns.prompt_column(),
         **{n: getattr(columns, n) for n in ("image", "video", "seed", "row_id")},
+        "max_new_tokens": None,  # read from a column of that name (understanding tasks)
     }
     return {name: ((mapped[name],), True) if mapped[name] else (defaults[name], False) for name in defaults}
 
@@ -309,6 +312,13 @@ class StepSource:
                     out["seed_override"] = int(value)
                 except (TypeError, ValueError):
                     errors.append(f"seed {value!r} is not an integer")
+            elif name == "max_new_tokens":
+                if self.task.output == "text":
+                    cap = value if isinstance(value, int) else int(value) if str(value).isdigit() else None
+                    if cap is None or not 1 <= cap <= MAX_NEW_TOKENS:
+                        errors.append(f"max_new_tokens {value!r} is not an integer in 1..{MAX_NEW_TOKENS}")
+                    else:
+                        out["max_new_tokens_override"] = cap
             elif name in ("image", "video") and table_uri is not None:
                 out[name] = _resolve_media(str(value), table_uri)
             else:

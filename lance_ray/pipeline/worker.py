@@ -23,7 +23,13 @@ import numpy as np
 import pyarrow as pa
 
 from lance_ray.io import media, storage
-from lance_ray.models.lance import DecodeSettings, GenerationSettings, TaskSpec, sample_frame_indices
+from lance_ray.models.lance import (
+    DecodeSettings,
+    GenerationSettings,
+    TaskSpec,
+    resize_for_understanding,
+    sample_frame_indices,
+)
 from lance_ray.pipeline import sinks
 from lance_ray.pipeline.backends import TaskInput, TaskOutput, load_backend
 from lance_ray.spec import ModelRef, Params
@@ -69,8 +75,11 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _decode_input(task: TaskSpec, row: Row) -> np.ndarray | None:
-    """The task's input media as uint8 pixels; videos are frame-sampled the official way."""
+def _decode_input(ctx: StepContext, row: Row) -> np.ndarray | None:
+    """The task's input media as uint8 pixels; videos are frame-sampled the official way. Understanding
+    rows are also resized to the ViT stream here, on a CPU worker, so the GPU actor only copies and runs
+    (`TaskInput.resized`)."""
+    task = ctx.task
     kind = task.input_media
     if kind is None:
         return None
@@ -78,10 +87,13 @@ def _decode_input(task: TaskSpec, row: Row) -> np.ndarray | None:
     if not uri:
         raise ValueError(f"task {task.name} needs {'an image' if kind == 'image' else 'a video'}, the row has none")
     if kind == "image":
-        return media.decode_image(uri)
-
-    info = media.probe_video(uri)
-    return media.decode_video(uri, sample_frame_indices(info.num_frames, info.fps))
+        pixels = media.decode_image(uri)
+    else:
+        info = media.probe_video(uri)
+        pixels = media.decode_video(uri, sample_frame_indices(info.num_frames, info.fps))
+    if isinstance(ctx.settings, DecodeSettings):
+        return resize_for_understanding(pixels, ctx.settings.preset)
+    return pixels
 
 
 def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
@@ -96,7 +108,7 @@ def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
             row.error = f"task {ctx.task.name} needs a non-empty {ctx.task.prompt_name}"
             continue
         try:
-            pixels = _decode_input(ctx.task, row)
+            pixels = _decode_input(ctx, row)
         except Exception as exc:  # a bad row must never fail the job
             row.error = _error_text(exc)
             continue
@@ -117,7 +129,8 @@ class LanceWorker:
         events_uri: str | None = None,
     ) -> None:
         started = time.perf_counter()
-        self.backend = load_backend(model, family)
+        understanding_only = all(isinstance(ctx.settings, DecodeSettings) for ctx in steps.values())
+        self.backend = load_backend(model, family, understanding_only=understanding_only)
         self.steps = steps
         self.batch_sizes = batch_sizes
         self.load_id = uuid.uuid4().hex[:12]
@@ -138,15 +151,20 @@ class LanceWorker:
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data calls this from several threads at once (several batches in flight): the backend
+        is thread-safe, and its GPU thread keeps the device busy with rows from all of them."""
         rows = rows_from_table(batch)
         # Sub-batches by step (one task, one settings object); LancePipeline groups each sub-batch by
-        # shape itself (understanding packs mixed sizes into one call, generation batches same-shape targets).
+        # shape itself (understanding shares decode slots across rows of any size and length, generation
+        # batches same-shape targets).
         by_step: dict[str, list[Row]] = defaultdict(list)
         for row in rows:
             if not row.error:
                 by_step[row.step].append(row)
         for step_name, members in by_step.items():
-            size = self.batch_sizes.get(step_name, 1)
+            # Understanding rows go to the decode engine all at once; generation rows in model batches.
+            text = isinstance(self.steps[step_name].settings, DecodeSettings)
+            size = len(members) if text else self.batch_sizes.get(step_name, 1)
             for start in range(0, len(members), size):
                 self._run_chunk(self.steps[step_name], members[start : start + size])
         for row in rows:
@@ -173,6 +191,7 @@ class LanceWorker:
         for index, (row, output) in enumerate(zip(chunk, outputs, strict=True)):
             row.started_at = started_at
             row.elapsed_s = elapsed
+            row.error = output.error
             row.text = output.text
             if output.pixels is not None:
                 row.set_result_array(output.pixels)
@@ -180,7 +199,9 @@ class LanceWorker:
                 row.set_turn_arrays([turn[index].pixels for turn in turn_outputs[:-1]])
 
     def _run_task(self, ctx: StepContext, chunk: list[Row]) -> tuple[list[TaskOutput], list[list[TaskOutput]]]:
-        inputs = [TaskInput(prompt=row.prompt, seed=row.seed, media=row.input_array()) for row in chunk]
+        resized = isinstance(ctx.settings, DecodeSettings)  # prepare_rows resized understanding media
+        inputs = [TaskInput(prompt=row.prompt, seed=row.seed, media=row.input_array(), resized=resized,
+                            max_new_tokens=row.max_new_tokens_override) for row in chunk]
         if not ctx.turns:
             return self.backend.run(ctx.task, inputs, ctx.settings), []
         # Multi-turn edit: each turn edits the previous turn's output; every turn is kept.
@@ -198,6 +219,8 @@ class LanceWorker:
 def _output_row(row: Row, ctx: StepContext) -> dict:
     """A row of the step's Parquet dataset (`rows.OUTPUT_SCHEMA`), media columns still unset."""
     params = ctx.params.model_dump(mode="json", exclude_none=True)
+    if row.max_new_tokens_override is not None:  # the cap this row was decoded with
+        params["max_new_tokens"] = row.max_new_tokens_override
     return {
         "row_id": row.row_id,
         "step": ctx.name,

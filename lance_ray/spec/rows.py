@@ -9,7 +9,9 @@ Decoded pixels travel as raw uint8 bytes plus a shape, which Arrow carries witho
 
 Names that mean one thing each:
 * `seed_override`: a seed the INPUT row asks for (its `seed` column, or the one `columns.seed` maps);
-* `seed`: the seed the row was actually generated with (written to the output).
+* `seed`: the seed the row was actually generated with (written to the output);
+* `max_new_tokens_override`: an understanding row's own cap on new tokens; the output's `params` record
+  the cap actually used.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Row:
     image: str | None = None  # input image path/URI
     video: str | None = None  # input video path/URI
     seed_override: int | None = None
+    max_new_tokens_override: int | None = None  # understanding: the row's own cap (its `max_new_tokens` column)
     input_row: str | None = None  # the original input row as JSON (provenance)
     error: str | None = None
     # prepare
@@ -90,6 +93,7 @@ _TYPES: dict[str, pa.DataType] = {
     "image": pa.string(),
     "video": pa.string(),
     "seed_override": pa.int64(),
+    "max_new_tokens_override": pa.int64(),
     "input_row": pa.string(),
     "error": pa.string(),
     "seed": pa.int64(),
@@ -113,7 +117,8 @@ def _schema(*names: str) -> pa.Schema:
     return pa.schema([pa.field(name, _TYPES[name]) for name in names])
 
 
-_SOURCE = ("row_id", "step", "prompt", "image", "video", "seed_override", "input_row", "error")
+_SOURCE = ("row_id", "step", "prompt", "image", "video", "seed_override", "max_new_tokens_override", "input_row",
+           "error")
 SOURCE_SCHEMA = _schema(*_SOURCE)
 PREPARED_SCHEMA = _schema(*_SOURCE, "seed", "pixels", "pixels_shape")
 RESULT_SCHEMA = _schema(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import resolve_checkpoint
 from .media_rules import image_to_rgb, sample_frame_indices
-from .params import Params
+from .params import MAX_NEW_TOKENS, Params
 from .presets import MAX_FRAMES, MAX_SIDE, PRESETS, presets_of
 from .settings import DecodeSettings, GenerationSettings, SamplerSettings
 from .source import default_cache_dir, source_kind
@@ -23,17 +23,20 @@ from .tasks import PROMPT_COLUMNS, TASK_NAMES, TASKS, TaskSpec, get_task, tasks_
 
 if TYPE_CHECKING:
     from .pipeline import LancePipeline
+    from .preprocess import resize_for_understanding
     from .tiny import ensure_tiny_checkpoint, write_tiny_checkpoint
 
 # name -> submodule that defines it; imported when the name is first used.
 _LAZY = {
     "LancePipeline": "pipeline",
+    "resize_for_understanding": "preprocess",
     "write_tiny_checkpoint": "tiny",
     "ensure_tiny_checkpoint": "tiny",
 }
 
 __all__ = [
     "MAX_FRAMES",
+    "MAX_NEW_TOKENS",
     "MAX_SIDE",
     "PRESETS",
     "PROMPT_COLUMNS",
@@ -50,6 +53,7 @@ __all__ = [
     "get_task",
     "image_to_rgb",
     "presets_of",
+    "resize_for_understanding",
     "resolve_checkpoint",
     "sample_frame_indices",
     "source_kind",

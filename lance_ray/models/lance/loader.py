@@ -40,8 +40,12 @@ def load_configs(files: CheckpointFiles) -> tuple[LLMConfig, ViTConfig]:
     return LLMConfig.from_json(files.model_dir / "llm_config.json"), ViTConfig.from_json(files.vit_dir / "config.json")
 
 
-def load_lance_model(files: CheckpointFiles, device: torch.device | str, dtype: torch.dtype) -> tuple[LanceModel, LoadStats]:
-    """Build `LanceModel` on meta and fill it tensor by tensor from the checkpoint files."""
+def load_lance_model(files: CheckpointFiles, device: torch.device | str, dtype: torch.dtype, *,
+                     understanding_only: bool = False) -> tuple[LanceModel, LoadStats]:
+    """Build `LanceModel` on meta and fill it tensor by tensor from the checkpoint files.
+
+    `understanding_only` leaves the generation-only parameters (`LanceModel.generation_only`) on the meta
+    device: never read, never on the GPU."""
     device = torch.device(device)
     start = time.perf_counter()
     if device.type == "cuda":
@@ -74,7 +78,9 @@ def load_lance_model(files: CheckpointFiles, device: torch.device | str, dtype: 
             # On a GPU cast after the copy: the device converts far faster than one CPU thread.
             return name, (tensor.to(device).to(dtype) if device.type == "cuda" else tensor.to(dtype))
 
-        for name, tensor in _bounded_map(read, list(plan.sources.items())):
+        wanted = [(n, src) for n, src in plan.sources.items()
+                  if not (understanding_only and LanceModel.generation_only(n))]
+        for name, tensor in _bounded_map(read, wanted):
             _assign(model, name, tensor)
     model.eval().requires_grad_(False)
     stats = LoadStats(

@@ -30,3 +30,10 @@ class LanceModel(nn.Module):
         self.llm = LanguageModel(llm_cfg)
         self.vit = VisionTransformer(vit_cfg)
         self.latent = LatentAdapter(llm_cfg)
+
+    @staticmethod
+    def generation_only(name: str) -> bool:
+        """Whether parameter `name` serves generation alone: the generation expert of every layer, its
+        final norm and the latent adapters. Understanding (x2t) never touches them, so a captioning
+        actor leaves them unloaded (2.8 B of Lance_3B's 6.8 B parameters)."""
+        return ".gen." in name or name.startswith(("llm.norm_gen.", "latent."))

@@ -20,6 +20,7 @@ from .presets import MAX_FRAMES, MAX_SIDE, PRESETS, SIZE_MULTIPLE
 Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 SeedMode = Literal["per_row", "official"]
 MAX_SEED = 2**63  # seeds are int64 in every table and torch generator
+MAX_NEW_TOKENS = 4096  # most tokens an understanding row may generate
 
 
 class StrictModel(BaseModel):
@@ -72,7 +73,8 @@ class Params(StrictModel):
     frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES, description="t2v/i2v output frames.")
     fps: int | None = Field(default=None, ge=1, le=120, description="Frame rate of written videos.")
     max_new_tokens: int | None = Field(
-        default=None, ge=1, le=4096, description="x2t: most tokens generated per row."
+        default=None, ge=1, le=MAX_NEW_TOKENS,
+        description="x2t: most tokens generated per row (an input column `max_new_tokens` overrides it per row).",
     )
     temperature: float | None = Field(
         default=None, ge=0, description="x2t: sampling temperature; 0 is greedy decoding."

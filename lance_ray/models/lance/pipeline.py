@@ -18,7 +18,7 @@ generation or editing task.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .sequence import build_understanding
 from .settings import DecodeSettings, GenerationSettings
 from .tasks import TaskSpec, get_task
 from .tokenizer import LanceTokenizer
-from .understand import generate_text, normalize_answer
+from .understand import DecodeEngine, Request, answer_all, capacity_for, normalize_answer, slots_for_memory
 
 if TYPE_CHECKING:
     from .vae import WanVAE
@@ -47,26 +47,32 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 class LancePipeline:
     def __init__(self, files: CheckpointFiles, *, source: str, revision: str | None, device: torch.device,
-                 dtype: torch.dtype, cache_dir: str | Path | None) -> None:
+                 dtype: torch.dtype, cache_dir: str | Path | None, understanding_only: bool = False) -> None:
         self.files, self.source, self.revision = files, source, revision
         self.family = files.family
         self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
-        self.model, self.load_stats = load_lance_model(files, device, dtype)
+        self.understanding_only = understanding_only
+        self.model, self.load_stats = load_lance_model(files, device, dtype, understanding_only=understanding_only)
         self.tokenizer = LanceTokenizer(files.model_dir)
         self._vae: WanVAE | None = None
 
     @classmethod
     def from_pretrained(cls, source: str, *, family: str, revision: str | None = None, device: str = "auto",
-                        dtype: str = "bfloat16", cache_dir: str | Path | None = None) -> LancePipeline:
+                        dtype: str = "bfloat16", cache_dir: str | Path | None = None,
+                        understanding_only: bool = False) -> LancePipeline:
+        """Load a checkpoint family. `understanding_only`: for x2t alone, leave the generation expert, the
+        latent adapters and the VAE off the device (a caption job then needs 8 GB of weights, not 14)."""
         files = resolve_checkpoint(source, family, revision=revision, cache_dir=cache_dir)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         return cls(files, source=source, revision=revision, device=resolve_device(device), dtype=DTYPES[dtype],
-                   cache_dir=cache_dir)
+                   cache_dir=cache_dir, understanding_only=understanding_only)
 
     @property
     def vae(self) -> WanVAE:
         """The Wan 2.2 VAE, fetched and loaded the first time a generation/editing task needs it."""
+        if self.understanding_only:
+            raise ValueError("this LancePipeline was loaded with understanding_only=True: it cannot generate")
         if self._vae is None:
             from .vae import load_vae
 
@@ -141,6 +147,8 @@ class LancePipeline:
             return []
         if isinstance(settings, DecodeSettings):
             return self._understand(media, prompts, task.input_media, seeds, settings)
+        if self.understanding_only:
+            raise ValueError(f"{task.name}: this LancePipeline was loaded with understanding_only=True")
         if task.input_media is None:
             rows = text_rows(prompts, settings.height, settings.width, settings.frames or 1, seeds)
         else:
@@ -150,27 +158,51 @@ class LancePipeline:
 
     def _understand(self, media: list[np.ndarray], questions: list[str | None], kind: str, seeds: list[int],
                     settings: DecodeSettings) -> list[str]:
+        requests = [self.understanding_request(m, q, kind=kind, settings=settings, seed=s)
+                    for m, q, s in zip(media, questions, seeds, strict=True)]
+        engine = self.new_engine(requests, max_slots=len(requests))
+        return [self.decode_answer(a.ids) for a in answer_all(engine, requests)]
+
+    # ------------------------------------------------------------------------------------------------
+    # Understanding with continuous batching (understand.py): what a serving loop calls
+    # ------------------------------------------------------------------------------------------------
+    def understanding_request(self, media: np.ndarray, question: str | None, *, kind: str,
+                              settings: DecodeSettings, seed: int, max_new_tokens: int | None = None,
+                              resized: bool = False, tag: Any = None) -> Request:
+        """One x2t row as a decode request: its prompt layout (tokenised here, on the caller's thread) and its
+        ViT-stream frames. `media`: uint8 [H, W, 3] or [T, H, W, 3]; `resized`: already resized to the
+        preset's ViT bucket (`resize_for_understanding`, done in a CPU stage). `max_new_tokens` overrides
+        the settings' for this row."""
+        frames = media if resized else preprocess.resize_for_understanding(media, settings.preset)
+        frames = frames[None] if frames.ndim == 3 else frames
         merge = self.model.vit_cfg.spatial_merge_size
-        patches, grids = [], []
-        for frames in media:
-            p, grid = preprocess.vit_patches(preprocess.resize_to_bucket(frames, settings.preset, "vit"))
-            patches.append(p)
-            grids.append(grid)
-        with torch.inference_mode():
-            # One ViT pass over the whole batch; visuals never attend to each other.
-            vit_out = self.model.vit(torch.cat(patches).to(self.device), grids)
-        counts = [t * h * w // merge**2 for t, h, w in grids]
-        vit_tokens = [[chunk] for chunk in vit_out.split(counts)]
-        layouts = [
-            build_understanding(self.tokenizer, q or "", [(t, h // merge, w // merge)],
-                                system_prompt=settings.system_prompt, kind=kind,
-                                tokens_per_second=self.model.llm_cfg.tokens_per_second)
-            for q, (t, h, w) in zip(questions, grids, strict=True)
-        ]
-        result = generate_text(self.model, layouts, vit_tokens, eos_id=self.tokenizer.special.im_end,
-                               vocab_limit=len(self.tokenizer), max_new_tokens=settings.max_new_tokens,
-                               temperature=settings.temperature, top_p=settings.top_p, seeds=seeds)
-        return [normalize_answer(self.tokenizer.decode(ids)) for ids in result.ids]
+        t, h, w = preprocess.vit_grid(frames.shape[1], frames.shape[2], frames.shape[0])
+        layout = build_understanding(self.tokenizer, question or "", [(t, h // merge, w // merge)],
+                                     system_prompt=settings.system_prompt, kind=kind,
+                                     tokens_per_second=self.model.llm_cfg.tokens_per_second)
+        tensor = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()  # the copy to the GPU then overlaps other work
+        return Request(layout, max_new_tokens or settings.max_new_tokens, settings.temperature, settings.top_p,
+                       int(seed), visuals=[tensor], tag=tag)
+
+    def new_engine(self, requests: list[Request], *, max_slots: int = 256, reserve_bytes: int | None = None
+                   ) -> DecodeEngine:
+        """A decode engine whose slots hold every one of `requests`, with as many slots (at most `max_slots`)
+        as the free GPU memory allows after `reserve_bytes` for activations (default: a quarter of it, at
+        least 4 GiB). On CPU: one slot per request, up to 16."""
+        capacity = capacity_for(requests)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            reserve = reserve_bytes if reserve_bytes is not None else max(4 << 30, free // 4)
+            slots = slots_for_memory(self.model.llm, capacity, free, reserve_bytes=reserve, max_slots=max_slots)
+        else:
+            slots = max(1, min(max_slots, 16))
+        return DecodeEngine(self.model, eos_id=self.tokenizer.special.im_end, vocab_limit=len(self.tokenizer),
+                            slots=slots, capacity=capacity)
+
+    def decode_answer(self, ids: list[int]) -> str:
+        return normalize_answer(self.tokenizer.decode(ids))
 
 
 __all__ = ["LancePipeline", "LoadStats", "resolve_device"]

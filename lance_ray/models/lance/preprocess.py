@@ -138,12 +138,20 @@ def resize_to_bucket(frames: np.ndarray, preset: str | Preset, stream: Stream) -
     return np.ascontiguousarray(_centre_crop(out, bh - bh % d, bw - bw % d))
 
 
+def resize_for_understanding(media: np.ndarray, preset: str | Preset) -> np.ndarray:
+    """uint8 image [H, W, 3] or video [T, H, W, 3] -> ViT-stream frames [T, h, w, 3] of `preset`: the CPU
+    part of understanding's preprocessing, which a CPU stage can do before the GPU sees the row
+    (`LancePipeline.understanding_request(..., resized=True)` takes the result)."""
+    return resize_to_bucket(media, preset, "vit")
+
+
 # --------------------------------------------------------------------------------------------------
 # Normalisation and ViT patches
 # --------------------------------------------------------------------------------------------------
-def _to_float_cthw(frames: np.ndarray) -> torch.Tensor:
-    # torchvision ToTensor: float32 division by 255
-    return torch.from_numpy(_as_frames(frames)).permute(3, 0, 1, 2).float().div(255)
+def _to_float_cthw(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    # torchvision ToTensor: float32 division by 255 (exact in float32, so the same on every device)
+    x = torch.from_numpy(_as_frames(frames)) if isinstance(frames, np.ndarray) else frames
+    return x.permute(3, 0, 1, 2).float().div(255)
 
 
 def vae_pixels(frames: np.ndarray) -> torch.Tensor:
@@ -160,15 +168,21 @@ def vit_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def vit_patches(frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def vit_patches(frames: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """ViT-stream uint8 frames (sizes multiple of 28) -> (patches [N, 1176] float32, grid (t, h, w)).
 
     Applies vit_frames and the CLIP normalisation.  Rows are ordered (t, h/2, w/2, dy, dx): the four
     patches of each 2x2 merge group are contiguous.  Each row is one (C=3, 2 frames, 14, 14) block
-    flattened in (C, frame, y, x) order.  grid = (T/2, H/14, W/14); merged tokens = t*h*w/4."""
-    x = _to_float_cthw(vit_frames(frames))  # [C, T, H, W]
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1, 1)
+    flattened in (C, frame, y, x) order.  grid = (T/2, H/14, W/14); merged tokens = t*h*w/4.
+    `frames` may be a uint8 tensor [T, H, W, 3] on any device: the GPU then does this work (the same
+    float32 operations, so the same values)."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(vit_frames(frames))
+    elif frames.shape[0] % 2:
+        frames = torch.cat([frames, frames[-1:]])
+    x = _to_float_cthw(frames)  # [C, T, H, W]
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
     x = x.sub(mean).div(std)
     c, t, h, w = x.shape
     p, tp, m = VIT_PATCH, VIT_TEMPORAL_PATCH, VIT_MERGE
@@ -179,6 +193,11 @@ def vit_patches(frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]
     # -> [gt, gh/m, gw/m, dy, dx, C, tp, p, p]
     x = x.permute(1, 3, 6, 4, 7, 0, 2, 5, 8)
     return x.reshape(gt * gh * gw, c * tp * p * p).contiguous(), (gt, gh, gw)
+
+
+def vit_grid(height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """The ViT patch grid (t, h, w) of ViT-stream frames of this size (before the even-frame padding)."""
+    return (frames + 1) // VIT_TEMPORAL_PATCH, height // VIT_PATCH, width // VIT_PATCH
 
 
 # --------------------------------------------------------------------------------------------------

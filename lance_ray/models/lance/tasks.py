@@ -167,7 +167,7 @@ TASKS: Mapping[str, TaskSpec] = MappingProxyType({t.name: t for t in (
     _task("image_edit", "image", "image", "image", defaults=_DENOISING, batch_size=4,
           cost=CostModel(2.5, _PER_STEP), prompt_name="instruction", multi_turn=True,
           summary="edit an image by an instruction"),
-    _task("x2t_image", "image", "image", "text", defaults=_DECODING, batch_size=32,
+    _task("x2t_image", "image", "image", "text", defaults=_DECODING, batch_size=64,
           cost=CostModel(0.09, _CAPTION), prompt_name="question", prompt_required=False,
           summary="caption an image or answer a question about it"),
     _task("t2v", "video", None, "video", defaults={**_DENOISING, **_SIZE, **_VIDEO_OUT}, batch_size=1,
@@ -178,7 +178,7 @@ TASKS: Mapping[str, TaskSpec] = MappingProxyType({t.name: t for t in (
     _task("video_edit", "video", "video", "video", defaults={**_DENOISING, "fps": _VIDEO_OUT["fps"]},
           batch_size=1, cost=CostModel(51.3, _PER_STEP), prompt_name="instruction", multi_turn=True,
           summary="edit a video by an instruction"),
-    _task("x2t_video", "video", "video", "text", defaults=_DECODING, batch_size=4,
+    _task("x2t_video", "video", "video", "text", defaults=_DECODING, batch_size=8,
           cost=CostModel(2.0, _CAPTION), prompt_name="question", prompt_required=False,
           summary="caption a video or answer a question about it"),
 )})

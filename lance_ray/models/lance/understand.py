@@ -1,33 +1,67 @@
-"""Batched understanding (x2t): one ViT pass, one packed prefill, batched decoding.
+"""Understanding (x2t) with continuous batching: a pool of decode slots that never waits for its slowest row.
 
-Reproduces the official KV path (`modeling/lance/lance.py`, `Lance.validation_und_KVcache`).
+Reproduces the official KV path (`modeling/lance/lance.py`, `Lance.validation_und_KVcache`) per row:
+prefill the prompt split by split (text causal, each visual block bidirectional) except its last token;
+then feed that last token and every generated token one at a time, greedy argmax over the first
+`len(tokenizer)` logits (or nucleus sampling), stop after `<|im_end|>` or the row's `max_new_tokens`.
 
-Per sample the official KV path does: prefill the prompt split by split (text causal, ViT block
-bidirectional) except its last token; then feed that last token and every generated token one at a
-time, greedy argmax over the first `len(tokenizer)` logits, stop after `<|im_end|>` or `max_new_tokens`.
-We do the same for B samples at once: the prefill packs all prompts into one forward (attention stays
-per sample and per split), decoding feeds one token per sample per step through the batched cache
-path.  Samples never attend to each other, so each answer is the one it would get alone.
+`DecodeEngine` does this for many rows at once. It owns S slots of KV cache of C tokens each:
+* `admit(requests)` puts rows into free slots: one ViT pass over their visuals, one packed prefill
+  that writes each row's keys/values straight into its slot (rows never attend to each other);
+* `run()` decodes `check_every` steps for every slot in one batched forward per step (a CUDA graph on
+  GPUs: the shapes never change), then looks at the new tokens once on the host and hands back the rows
+  that ended. Their slots are free for the next `admit`, while the other rows keep decoding.
+So a batch no longer decodes until its longest row ends, rows of any length share the decode steps, and
+a row's answer is the one it gets alone (checked in fp32 on CPU by the tests).
+
+Slots are padded to C tokens (the longest prompt + max_new_tokens + a `check_every` margin: a row
+decodes a few steps past its end before the host notices). `slots_for_memory` sizes S from the free
+GPU memory. Sampling draws from a per-row generator seeded with the row's seed, so a row's sample does
+not depend on its neighbours either.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .model import LanceModel
+from .preprocess import vit_patches
 from .sequence import UnderstandingLayout
 from .tokenizer import IM_END
 from .transformer import KVCache, LanguageModel, Split
 
-STOP_CHECK_EVERY = 8  # decoding steps between host checks for "all samples finished"
+CHECK_EVERY = 8  # decoding steps between looks at the new tokens on the host (each look is a device sync)
 
 
 @dataclass
-class DecodeResult:
-    ids: list[list[int]]  # per sample, up to and including <|im_end|> when it came
-    first_logits: torch.Tensor  # [B, V] logits of the first decoding step (parity tests)
+class Request:
+    """One row to answer. `visuals` are its visuals as ViT-stream frames (uint8 [T, H, W, 3], already
+    resized to the preset's bucket; pinned CPU memory makes the copy to the GPU asynchronous), or
+    `vit_tokens` when the ViT outputs were computed already (parity tests)."""
+
+    layout: UnderstandingLayout
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy (the official default)
+    top_p: float = 1.0
+    seed: int = 0
+    visuals: list[torch.Tensor] = field(default_factory=list)
+    vit_tokens: list[torch.Tensor] | None = None
+    tag: Any = None  # the caller's handle, returned with the answer
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.layout.prompt_ids)
+
+
+@dataclass
+class Answer:
+    request: Request
+    ids: list[int]  # generated ids, up to and including <|im_end|> when it came
+    first_logits: torch.Tensor | None = None  # [V] float32 logits of the first step (parity tests)
 
 
 def prompt_embeddings(model: LanceModel, layout: UnderstandingLayout, vit_tokens: list[torch.Tensor]) -> torch.Tensor:
@@ -45,19 +79,37 @@ def normalize_answer(text: str) -> str:
     return text.replace(IM_END, "").strip()
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row from softmax(logits / T), restricted to the top-p nucleus; row b uses generators[b]."""
+def capacity_for(requests: Iterable[Request], check_every: int = CHECK_EVERY) -> int:
+    """KV slot size (tokens) that holds every one of `requests`, rounded up to a multiple of 64."""
+    need = max(r.prompt_len - 1 + r.max_new_tokens for r in requests) + check_every
+    return -(-need // 64) * 64
+
+
+def kv_bytes_per_token(llm: LanguageModel) -> int:
+    cfg = llm.cfg
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * llm.embed.weight.element_size()
+
+
+def slots_for_memory(llm: LanguageModel, capacity: int, free_bytes: int, *, reserve_bytes: int,
+                     max_slots: int = 256) -> int:
+    """How many slots of `capacity` tokens fit in `free_bytes` after keeping `reserve_bytes` for the
+    activations of prefill and the ViT (at least one slot)."""
+    per_slot = capacity * kv_bytes_per_token(llm)
+    return max(1, min(max_slots, (free_bytes - reserve_bytes) // per_slot))
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token from softmax(logits / T) restricted to the top-p nucleus.  logits: [V] -> [1]"""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p, order = probs.sort(descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 class DecodeStep:
-    """Logits of one decoding step (one token per row).  With `cuda_graph` the step is recorded once
+    """Logits of one decoding step (one token per slot).  With `cuda_graph` the step is recorded once
     as a CUDA graph and replayed: a decoding step is hundreds of tiny kernels whose launch cost would
     otherwise dominate (the cache's `static_decode` keeps every step's shapes identical)."""
 
@@ -97,51 +149,147 @@ class DecodeStep:
         return self.logits
 
 
-@torch.inference_mode()
-def generate_text(model: LanceModel, layouts: list[UnderstandingLayout], vit_tokens: list[list[torch.Tensor]], *,
-                  eos_id: int, vocab_limit: int, max_new_tokens: int, temperature: float, top_p: float,
-                  seeds: list[int], cuda_graph: bool | None = None) -> DecodeResult:
-    """Decode answers for B prompts.  vit_tokens[b] holds the ViT outputs of sample b's visuals.
+@dataclass
+class _Slot:
+    request: Request
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    first_logits: torch.Tensor | None = None
+    started: bool = False  # has taken its first decoding step
 
-    temperature 0 = greedy (the official default); otherwise sampling with a per-sample generator seeded
-    by seeds[b], so a sample's draw does not depend on its batch neighbours.  `cuda_graph` (default: on
-    CUDA devices) replays the decoding step as a CUDA graph.
-    """
-    llm = model.llm
-    device, dtype = llm.embed.weight.device, llm.embed.weight.dtype
-    B = len(layouts)
-    prompt_lens = [len(lay.prompt_ids) for lay in layouts]
-    cache = KVCache(llm.cfg, B, max(prompt_lens) + max_new_tokens, device, dtype)
 
-    # Prefill everything but each prompt's last token, split by split.
-    xs, pos, rows = [], [], []
-    for lay, vt, n in zip(layouts, vit_tokens, prompt_lens, strict=True):
-        xs.append(prompt_embeddings(model, lay, vt)[: n - 1])
-        pos.append(lay.position_ids[:, : n - 1])
-        rows.append([Split(min(s.end, n - 1) - s.start, s.causal) for s in lay.splits if s.start < n - 1])
-    llm(torch.cat(xs), torch.cat(pos, dim=1).to(device), rows, cache=cache)
+class DecodeEngine:
+    """S decode slots of C tokens over one model; see the module docstring."""
 
-    tokens = torch.tensor([int(lay.prompt_ids[-1]) for lay in layouts], device=device)
-    step_pos = torch.tensor([int(lay.position_ids[0, -1]) for lay in layouts], device=device)
-    if temperature > 0:
-        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    step_fn = DecodeStep(llm, cache, vocab_limit, device.type == "cuda" if cuda_graph is None else cuda_graph)
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    first_logits = None
-    n_steps = 0
-    for step in range(max_new_tokens):
-        logits = step_fn(tokens, (step_pos + step).expand(3, B))
-        if first_logits is None:
-            first_logits = logits.float().clone()
-        tokens = logits.argmax(-1) if temperature <= 0 else _sample(logits, temperature, top_p, generators)
-        out[:, step] = tokens
-        finished |= tokens == eos_id
-        n_steps = step + 1
-        if n_steps % STOP_CHECK_EVERY == 0 and bool(finished.all()):
-            break
+    def __init__(self, model: LanceModel, *, eos_id: int, vocab_limit: int, slots: int, capacity: int,
+                 cuda_graph: bool | None = None, check_every: int = CHECK_EVERY,
+                 keep_first_logits: bool = False) -> None:
+        llm = model.llm
+        self.model, self.eos_id, self.check_every = model, eos_id, check_every
+        self.keep_first_logits = keep_first_logits
+        self.device, dtype = llm.embed.weight.device, llm.embed.weight.dtype
+        self.capacity = capacity
+        self.cache = KVCache(llm.cfg, slots, capacity, self.device, dtype)
+        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.step = DecodeStep(llm, self.cache, vocab_limit, use_graph)
+        self.slots: list[_Slot | None] = [None] * slots
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # the token each slot feeds next
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)  # ... and its position
 
-    ids = []
-    for row in out[:, :n_steps].tolist():
-        ids.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    return DecodeResult(ids=ids, first_logits=first_logits)
+    @property
+    def free(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    @property
+    def active(self) -> int:
+        return len(self.slots) - self.free
+
+    def fits(self, request: Request) -> bool:
+        return request.prompt_len - 1 + request.max_new_tokens + self.check_every <= self.capacity
+
+    @torch.inference_mode()
+    def admit(self, requests: list[Request]) -> None:
+        """Prefill `requests` (at most `free` of them) into free slots: one ViT pass, one packed prefill."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if len(requests) > len(free):
+            raise ValueError(f"{len(requests)} requests for {len(free)} free slots")
+        for request in requests:
+            if not self.fits(request):
+                raise ValueError(f"a request of {request.prompt_len} prompt tokens + {request.max_new_tokens} "
+                                 f"new ones does not fit slots of {self.capacity} tokens")
+        if not requests:
+            return
+        vit_tokens = self._vit_tokens(requests)
+        chosen = free[: len(requests)]  # ascending: the packed prefill lists rows in slot order
+        cache, llm = self.cache, self.model.llm
+        rows: list[list[Split]] = [[] for _ in self.slots]
+        xs, pos = [], []
+        for slot, request, tokens in zip(chosen, requests, vit_tokens, strict=True):
+            lay, n = request.layout, request.prompt_len
+            cache.lens[slot] = 0
+            xs.append(prompt_embeddings(self.model, lay, tokens)[: n - 1])  # all but the last prompt token
+            pos.append(lay.position_ids[:, : n - 1])
+            rows[slot] = [Split(min(s.end, n - 1) - s.start, s.causal) for s in lay.splits if s.start < n - 1]
+        index = torch.tensor(chosen, device=self.device)
+        cache.lens_t[index] = 0
+        llm(torch.cat(xs), torch.cat(pos, dim=1).to(self.device), rows, cache=cache)
+        # The first decoding step feeds each prompt's last token at its own position.
+        last = [(int(r.layout.prompt_ids[-1]), int(r.layout.position_ids[0, -1])) for r in requests]
+        self.tokens[index] = torch.tensor([t for t, _ in last], device=self.device)
+        self.positions[index] = torch.tensor([p for _, p in last], device=self.device)
+        for slot, request in zip(chosen, requests, strict=True):
+            generator = None
+            if request.temperature > 0:
+                generator = torch.Generator(self.device).manual_seed(int(request.seed))
+            self.slots[slot] = _Slot(request, generator=generator)
+
+    def _vit_tokens(self, requests: list[Request]) -> list[list[torch.Tensor]]:
+        """ViT outputs per request and visual: one ViT call for every visual of every request."""
+        todo = [(i, frames) for i, r in enumerate(requests) if r.vit_tokens is None for frames in r.visuals]
+        out: list[list[torch.Tensor]] = [list(r.vit_tokens or []) for r in requests]
+        if todo:
+            merge = self.model.vit_cfg.spatial_merge_size
+            inputs = [vit_patches(frames.to(self.device, non_blocking=True)) for _, frames in todo]
+            grids = [grid for _, grid in inputs]
+            vit = self.model.vit(torch.cat([p for p, _ in inputs]), grids)  # visuals never attend to each other
+            for (i, _), chunk in zip(todo, vit.split([t * h * w // merge**2 for t, h, w in grids]), strict=True):
+                out[i].append(chunk)
+        return out
+
+    @torch.inference_mode()
+    def run(self) -> list[Answer]:
+        """Decode `check_every` steps for every slot; return the rows that ended (their slots are free again)."""
+        if not self.active:
+            return []
+        k, n = self.check_every, len(self.slots)
+        window = torch.empty(n, k, dtype=torch.long, device=self.device)
+        sampled = [i for i, s in enumerate(self.slots) if s is not None and s.generator is not None]
+        fresh = [i for i, s in enumerate(self.slots) if s is not None and not s.started]
+        for step in range(k):
+            logits = self.step(self.tokens, self.positions.expand(3, n))
+            if step == 0 and self.keep_first_logits:
+                for i in fresh:
+                    self.slots[i].first_logits = logits[i].float().cpu()
+            nxt = logits.argmax(-1)
+            for i in sampled:
+                r = self.slots[i].request
+                nxt[i] = _sample(logits[i], r.temperature, r.top_p, self.slots[i].generator)[0]
+            window[:, step] = nxt
+            self.tokens.copy_(nxt)
+            self.positions += 1
+        return self._collect(window.tolist())
+
+    def _collect(self, window: list[list[int]]) -> list[Answer]:
+        done: list[Answer] = []
+        for i, slot in enumerate(self.slots):
+            if slot is None:
+                continue
+            slot.started = True
+            for token in window[i]:
+                slot.generated.append(token)
+                if token == self.eos_id or len(slot.generated) == slot.request.max_new_tokens:
+                    done.append(Answer(slot.request, slot.generated, slot.first_logits))
+                    self.slots[i] = None
+                    break
+        # Free slots decoded garbage past their row's end; rewind them so they never run out of room.
+        idle = [i for i, s in enumerate(self.slots) if s is None]
+        for i in idle:
+            self.cache.lens[i] = 0
+        if idle:
+            self.cache.lens_t[torch.tensor(idle, device=self.device)] = 0
+        return done
+
+
+def answer_all(engine: DecodeEngine, requests: list[Request], *, admit_at_most: int | None = None) -> list[Answer]:
+    """Answers to every request, in request order: slots are refilled as rows end."""
+    pending = list(requests)
+    answers: dict[int, Answer] = {}
+    order = {id(r): i for i, r in enumerate(requests)}
+    while pending or engine.active:
+        room = min(engine.free, admit_at_most or engine.free)
+        if pending and room:
+            engine.admit(pending[:room])
+            pending = pending[room:]
+        for answer in engine.run():
+            answers[order[id(answer.request)]] = answer
+    return [answers[i] for i in range(len(requests))]
