@@ -52,8 +52,11 @@ def random_model(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed
 
 
 def write_checkpoint(root: Path, family: str = "image", seed: int = 0, with_vae: bool = True,
-                     shapes: tuple[LLMConfig, ViTConfig] | None = None) -> Path:
-    """Writes `root/{Lance_3B|Lance_3B_Video, Qwen2.5-VL-ViT, Wan2.2_VAE.pth}` (real shapes by default)."""
+                     shapes: tuple[LLMConfig, ViTConfig] | None = None, weights_dtype: str = "float32") -> Path:
+    """Writes `root/{Lance_3B|Lance_3B_Video, Qwen2.5-VL-ViT, Wan2.2_VAE.pth}` (real shapes by default).
+
+    `weights_dtype`: float32 like the published model file (load-time benchmarks), or bfloat16 (half the
+    bytes to write and read when only the speed of inference is measured)."""
     llm, vit = shapes or configs()
     model = random_model("cuda" if torch.cuda.is_available() else "cpu", torch.float32, seed, (llm, vit))
     params = dict(model.named_parameters())
@@ -71,11 +74,12 @@ def write_checkpoint(root: Path, family: str = "image", seed: int = 0, with_vae:
             tensors[key] = tensor.to(dtype).cpu().contiguous()
         return tensors
 
-    weights = official(llm_key_map(llm), torch.float32)  # the published model files are float32
+    file_dtype = getattr(torch, weights_dtype)
+    weights = official(llm_key_map(llm), file_dtype)  # the published model files are float32
     (pos_key,) = IGNORED_KEYS
     weights[pos_key] = torch.zeros(POS_TABLE_ROWS[family] * llm.max_latent_size**2 // 4096, llm.hidden_size)
     if family == "video":
-        weights.update(official(vit_key_map(vit, VIT_PREFIX_IN_MODEL_FILE), torch.float32))
+        weights.update(official(vit_key_map(vit, VIT_PREFIX_IN_MODEL_FILE), file_dtype))
     save_file(weights, str(model_dir / "model.safetensors"))
     del weights
     save_file(official(vit_key_map(vit), torch.bfloat16), str(vit_dir / "vit.safetensors"))

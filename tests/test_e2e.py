@@ -115,3 +115,35 @@ steps:
     frames = media.decode_video(i2v["media_uri"])
     # The first frame's size follows the image's 4:3 bucket of the preset (224x304 for 256² area).
     assert frames.shape == (5, 224, 304, 3) and i2v["media_uri"].endswith(".mkv")
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_caption_rows_end_at_their_own_max_new_tokens(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """A `max_new_tokens` input column caps each caption row on its own (the real model, continuous
+    batching): the row's params record the cap it was decoded with, the rest use the step's."""
+    from lance_ray.models.lance import LancePipeline
+
+    image = DATASETS / "images" / "tiles_256x256.png"
+    caps = {"a": 2, "b": 7, "c": None, "d": 1}
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"id": key, "image": str(image), **({"max_new_tokens": cap} if cap else {})}) + "\n"
+        for key, cap in caps.items()))
+    job = load_job_text(f"""
+name: caps
+models: {{image: {{source: {tiny_ckpt}, precision: float32}}}}
+output: {tmp_path / 'out'}
+steps:
+  - {{name: cap, task: x2t_image, input: {{path: rows.jsonl, columns: {{row_id: id}}, prompt: "What is it?"}},
+     params: {{preset: image_256res, max_new_tokens: 4}}}}
+""", "caps.yaml", tmp_path)
+    summary = run_job(job, progress=False)
+    assert (summary.steps[0].ok, summary.steps[0].failed) == (4, 0)
+    rows = {r["row_id"]: r for r in read_step_output(str(tmp_path / "out" / "cap")).to_pylist()}
+    pipe = LancePipeline.from_pretrained(str(tiny_ckpt), family="image", device="cpu", dtype="float32",
+                                         understanding_only=True)
+    for key, cap in caps.items():
+        used = cap or 4
+        assert json.loads(rows[key]["params"])["max_new_tokens"] == used
+        alone = pipe.x2t_image([media.decode_image(str(image))], ["What is it?"], preset="image_256res",
+                               max_new_tokens=used, seeds=[rows[key]["seed"]])[0]
+        assert rows[key]["text"] == alone  # the same answer as decoding the row alone with its cap

@@ -9,9 +9,9 @@ rows here and waits for their futures:
 
 The engine is built on the first caption rows, with slots sized to hold them (and the free GPU memory);
 a later row too long for its slots waits until the engine has drained, then the engine is rebuilt bigger.
-A prefill that runs out of GPU memory is retried with half as many rows (down to one, which then fails
-alone); any other prefill error fails only the rows of that admission; an error while decoding fails the
-rows in flight (out of memory there also halves the next engine's slots). The loop never dies on a row.
+A prefill that runs out of GPU memory is retried with half as many rows; any other prefill error is
+retried row by row, so only the bad row fails; an error while decoding fails the rows in flight (out of
+memory there also halves the next engine's slots). The loop never dies on a row.
 """
 
 from __future__ import annotations
@@ -116,12 +116,24 @@ class GpuLoop:
                     self.admit_tokens = max(1, tokens // 2)
                     self._pending.extendleft(reversed(chosen))
                     continue
-                log.warning("prefill failed for %d row(s): %s: %s", len(chosen), type(exc).__name__, exc)
-                for _, future in chosen:
-                    future.set_exception(exc)
+                if len(chosen) > 1:  # find the bad row: admit the rows one by one
+                    for one in chosen:
+                        self._admit_alone(engine, *one)
+                    continue
+                log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
+                chosen[0][1].set_exception(exc)
                 continue
             for request, future in chosen:
                 self._futures[id(request)] = future
+
+    def _admit_alone(self, engine: Any, request: Any, future: Future) -> None:
+        try:
+            engine.admit([request])
+        except BaseException as exc:
+            log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
+            future.set_exception(exc)
+        else:
+            self._futures[id(request)] = future
 
     def _engine_for(self, request: Any):
         """The engine to admit `request` into: the current one if its slots hold it, a new one (built

@@ -34,7 +34,7 @@ from .sequence import UnderstandingLayout
 from .tokenizer import IM_END
 from .transformer import KVCache, LanguageModel, Split
 
-CHECK_EVERY = 8  # decoding steps between looks at the new tokens on the host (each look is a device sync)
+CHECK_EVERY = 16  # decoding steps between looks at the new tokens on the host (each look is a device sync)
 
 
 @dataclass
