@@ -79,7 +79,7 @@ def mixed_sizes(n: int, tiny: bool) -> list[tuple[int, int]]:
 
 # ----------------------------------------------------------------------------------------- engine
 def bench_engine(ckpt: str, family: str, media: list[np.ndarray], lengths: list[int], preset: str,
-                 device: str) -> dict:
+                 device: str, reuse_check: bool = False) -> dict:
     import torch
 
     from lance_ray.models.lance import TASKS, LancePipeline
@@ -117,6 +117,11 @@ def bench_engine(ckpt: str, family: str, media: list[np.ndarray], lengths: list[
            "weights_gb": round(sum(p.numel() * p.element_size() for p in pipe.model.parameters()
                                    if not p.is_meta) / 1e9, 2)}
     del engine
+    if reuse_check:  # the same rows, every prompt prefilled in full
+        engine = pipe.new_engine(requests)
+        engine.reuse_prefix = False
+        out["no_prefix_reuse_s"] = round(run(engine, requests), 3)
+        del engine
     static = 0.0
     for start in range(0, len(requests), 64):  # the old way: a batch decodes until its longest row ends
         chunk = requests[start:start + 64]
@@ -258,7 +263,7 @@ def main() -> None:
     for case, (sizes, lengths) in cases.items():
         if "engine" in only:
             media = [_image(i, h, w) for i, (h, w) in enumerate(sizes)]
-            r = bench_engine(ckpt["image"], "image", media, lengths, image_preset, device)
+            r = bench_engine(ckpt["image"], "image", media, lengths, image_preset, device, case == "uniform")
             results[f"engine_{case}"] = r
             table.append((f"model alone, {case}", r["continuous_rows_per_s"], f"static-64 {r['static64_rows_per_s']}"))
             print(case, "engine", r, flush=True)

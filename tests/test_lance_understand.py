@@ -199,3 +199,17 @@ def test_vit_patches_of_a_tensor_equal_those_of_an_array() -> None:
     from_array, grid = vit_patches(frames)
     from_tensor, grid_t = vit_patches(torch.from_numpy(frames))
     assert grid == grid_t and torch.equal(from_array, from_tensor)
+
+
+def test_prefix_reuse_changes_no_answer(pipes) -> None:
+    """The shared leading text (system prompt + user header) is prefilled once and copied into each slot;
+    answers are the same as prefilling every row in full."""
+    pipe = pipes["image"]
+    images, questions = _variants()
+    requests = [pipe.understanding_request(i, q, kind="image", settings=pipe_settings(), seed=0, max_new_tokens=5)
+                for i, q in zip(images[:4], questions[:4], strict=True)]
+    reused = pipe.new_engine(requests, max_slots=2)
+    full = pipe.new_engine(requests, max_slots=2)
+    full.reuse_prefix = False
+    assert [a.ids for a in answer_all(reused, requests)] == [a.ids for a in answer_all(full, requests)]
+    assert len(reused._prefixes) == 1  # one system prompt, computed once

@@ -18,6 +18,11 @@ Slots are padded to C tokens (the longest prompt + max_new_tokens + a `check_eve
 decodes a few steps past its end before the host notices). `slots_for_memory` sizes S from the free
 GPU memory. Sampling draws from a per-row generator seeded with the row's seed, so a row's sample does
 not depend on its neighbours either.
+
+Prefix reuse: every prompt starts with the same text (the system prompt and the user turn's header, up
+to the first visual), at the same positions, so its keys/values are the same for every row with that
+system prompt. The engine computes them once per distinct prefix and copies them into each new row's
+slot; the row's prefill starts after them.
 """
 
 from __future__ import annotations
@@ -163,10 +168,11 @@ class DecodeEngine:
 
     def __init__(self, model: LanceModel, *, eos_id: int, vocab_limit: int, slots: int, capacity: int,
                  cuda_graph: bool | None = None, check_every: int = CHECK_EVERY,
-                 keep_first_logits: bool = False) -> None:
+                 keep_first_logits: bool = False, reuse_prefix: bool = True) -> None:
         llm = model.llm
         self.model, self.eos_id, self.check_every = model, eos_id, check_every
-        self.keep_first_logits = keep_first_logits
+        self.keep_first_logits, self.reuse_prefix = keep_first_logits, reuse_prefix
+        self._prefixes: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.device, dtype = llm.embed.weight.device, llm.embed.weight.dtype
         self.capacity = capacity
         self.cache = KVCache(llm.cfg, slots, capacity, self.device, dtype)
@@ -202,16 +208,16 @@ class DecodeEngine:
         vit_tokens = self._vit_tokens(requests)
         chosen = free[: len(requests)]  # ascending: the packed prefill lists rows in slot order
         cache, llm = self.cache, self.model.llm
+        index = torch.tensor(chosen, device=self.device)
+        starts = self._load_prefixes(chosen, requests)  # tokens whose keys/values are already in each slot
         rows: list[list[Split]] = [[] for _ in self.slots]
         xs, pos = [], []
-        for slot, request, tokens in zip(chosen, requests, vit_tokens, strict=True):
+        for slot, request, tokens, start in zip(chosen, requests, vit_tokens, starts, strict=True):
             lay, n = request.layout, request.prompt_len
-            cache.lens[slot] = 0
-            xs.append(prompt_embeddings(self.model, lay, tokens)[: n - 1])  # all but the last prompt token
-            pos.append(lay.position_ids[:, : n - 1])
-            rows[slot] = [Split(min(s.end, n - 1) - s.start, s.causal) for s in lay.splits if s.start < n - 1]
-        index = torch.tensor(chosen, device=self.device)
-        cache.lens_t[index] = 0
+            xs.append(prompt_embeddings(self.model, lay, tokens)[start : n - 1])  # all but the last token
+            pos.append(lay.position_ids[:, start : n - 1])
+            rows[slot] = [Split(min(s.end, n - 1) - max(s.start, start), s.causal)
+                          for s in lay.splits if s.end > start and s.start < n - 1]
         llm(torch.cat(xs), torch.cat(pos, dim=1).to(self.device), rows, cache=cache)
         # The first decoding step feeds each prompt's last token at its own position.
         last = [(int(r.layout.prompt_ids[-1]), int(r.layout.position_ids[0, -1])) for r in requests]
@@ -222,6 +228,43 @@ class DecodeEngine:
             if request.temperature > 0:
                 generator = torch.Generator(self.device).manual_seed(int(request.seed))
             self.slots[slot] = _Slot(request, generator=generator)
+
+    def _load_prefixes(self, slots: list[int], requests: list[Request]) -> list[int]:
+        """Put each request's prefix (its leading text split) into its slot, computing the keys/values of
+        a prefix the first time it is seen; returns per request how many tokens its slot now holds."""
+        starts, by_prefix = [], {}
+        for slot, request in zip(slots, requests, strict=True):
+            key = self._prefix_key(request.layout)
+            starts.append(len(key))
+            self.cache.lens[slot] = len(key)
+            if key:
+                by_prefix.setdefault(key, []).append(slot)
+        for key, members in by_prefix.items():
+            keys, values = self._prefix_kv(key)
+            index = torch.tensor(members, device=self.device)
+            for layer, (k, v) in enumerate(zip(keys, values, strict=True)):  # one copy per layer for all rows
+                self.cache.k[layer][index, :, : len(key)] = k
+                self.cache.v[layer][index, :, : len(key)] = v
+        self.cache.lens_t[torch.tensor(slots, device=self.device)] = torch.tensor(starts, device=self.device)
+        return starts
+
+    def _prefix_key(self, layout: UnderstandingLayout) -> tuple[int, ...]:
+        first = layout.splits[0]
+        if not self.reuse_prefix or not first.causal or first.end >= len(layout.prompt_ids) - 1:
+            return ()
+        return tuple(layout.prompt_ids[: first.end].tolist())
+
+    def _prefix_kv(self, key: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys/values of a prefix (text at positions 0..P-1 on every axis): [nkv, P, hd] per layer."""
+        if key not in self._prefixes:
+            if len(self._prefixes) >= 8:  # a handful of system prompts per job; forget the oldest
+                self._prefixes.pop(next(iter(self._prefixes)))
+            llm, n = self.model.llm, len(key)
+            scratch = KVCache(llm.cfg, 1, n, self.device, self.cache.k[0].dtype)
+            ids = torch.tensor(key, device=self.device)
+            llm(llm.embed(ids), torch.arange(n, device=self.device).expand(3, n), [[Split(n, True)]], cache=scratch)
+            self._prefixes[key] = ([k[0] for k in scratch.k], [v[0] for v in scratch.v])
+        return self._prefixes[key]
 
     def _vit_tokens(self, requests: list[Request]) -> list[list[torch.Tensor]]:
         """ViT outputs per request and visual: one ViT call for every visual of every request."""
