@@ -129,7 +129,29 @@ def bench_engine(ckpt: str, family: str, media: list[np.ndarray], lengths: list[
                                    capacity=capacity_for(chunk)), chunk)
     out["static64_s"] = round(static, 3)
     out["static64_rows_per_s"] = round(len(requests) / static, 2)
+    if cuda and reuse_check:
+        out["card_16gb"] = _on_a_smaller_card(pipe, requests[:64], 16e9, run)
     return out
+
+
+def _on_a_smaller_card(pipe, requests: list, card_bytes: float, run) -> dict:
+    """The same captions on a card of `card_bytes`: a filler allocation leaves only what such a card would
+    have free, the engine sizes its slots from what is free, and the peak is counted without the filler."""
+    import torch
+
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    used = torch.cuda.memory_allocated()
+    filler = torch.empty(int(free - (card_bytes - used) - (1 << 30)), dtype=torch.uint8, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    engine = pipe.new_engine(requests)
+    seconds = run(engine, requests)
+    peak = torch.cuda.max_memory_allocated() - filler.numel()
+    result = {"card_gb": card_bytes / 1e9, "slots": len(engine.slots), "rows_per_s": round(len(requests) / seconds, 2),
+              "peak_gb_without_filler": round(peak / 1e9, 2)}
+    del engine, filler
+    torch.cuda.empty_cache()
+    return result
 
 
 # --------------------------------------------------------------------------------------- pipeline
