@@ -237,3 +237,23 @@ def test_a_failing_checkpoint_group_fails_the_run_while_its_sibling_stops(tmp_pa
     assert runs_side_by_side(plan.waves[0], 2) and len(plan.waves[0].groups) == 2
     with pytest.raises(RunError, match="checkpoint group video failed"):
         JobRunner(job, progress=False).run(plan)
+
+
+def test_a_hung_model_call_becomes_row_errors_not_a_hung_job(tmp_path: Path) -> None:
+    """A row whose model call hangs (the debug backend told to sleep 10 minutes) passes its step's
+    timeout: the watchdog records it and restarts the actor, Ray retries the batch, the row is written
+    as timed out and the other rows as usual."""
+    job = _job(tmp_path, """
+steps:
+  - name: gen
+    task: t2i
+    input: {rows: [{prompt: a}, {prompt: "[debug:sleep=600] hangs"}, {prompt: b}, {prompt: c}]}
+    params: {height: 16, width: 16}
+    resources: {batch_size: 1, timeout_s: 5}
+""")
+    summary = run_job(job, progress=False)
+    assert [(s.ok, s.failed) for s in summary.steps] == [(3, 1)]
+    rows = {r["prompt"]: r for r in _rows(tmp_path, "gen")}
+    assert "timed out" in rows["[debug:sleep=600] hangs"]["error"]
+    assert all(rows[p]["error"] is None for p in "abc")
+    assert len(_rows(tmp_path, "gen")) == 4

@@ -5,13 +5,16 @@ rows of one step (one task, one settings object), which the backend runs as one 
 
 The `debug` backend exists for exercising the pipeline without a model (it produces labelled, obviously
 synthetic outputs). It is only ever used when a job file says `backend: debug`, and the CLI says so
-loudly; it is never a default.
+loudly; it is never a default. To exercise timeouts it can stand for a slow model: a row whose prompt
+starts with `[debug:sleep=SECONDS]` takes that long.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +24,7 @@ from lance_ray.models.lance import DecodeSettings, GenerationSettings, TaskSpec
 from lance_ray.spec import ModelRef
 
 Settings = DecodeSettings | GenerationSettings
+_SLEEP = re.compile(r"\[debug:sleep=(\d+(?:\.\d+)?)\]")
 
 
 @dataclass
@@ -123,6 +127,10 @@ class DebugBackend:
         self.model_id = f"debug:{family}"
 
     def run(self, task: TaskSpec, inputs: list[TaskInput], settings: Settings) -> list[TaskOutput]:
+        for row in inputs:
+            match = _SLEEP.match(row.prompt or "")
+            if match:
+                time.sleep(float(match.group(1)))
         return [self._one(task, row, settings) for row in inputs]
 
     def _one(self, task: TaskSpec, row: TaskInput, settings: Settings) -> TaskOutput:

@@ -22,6 +22,15 @@ class PlannedStep:
 
     params: Params  # the step's effective params (task defaults applied)
 
+    def timeout_s(self, on_gpu: bool) -> float:
+        """Deadline of one model call of this step (see `Resources.timeout_s`): the step's own, else ten
+        minutes plus twenty times the call's estimated time (a hundred times on CPU actors, whose speed the
+        H100-based costs do not describe)."""
+        if self.step.resources.timeout_s is not None:
+            return self.step.resources.timeout_s
+        estimate = self.batch_size * max(1, len(self.step.turns or [])) * self.step.spec.cost.seconds_per_row(self.params)
+        return 600 + (20 if on_gpu else 100) * estimate
+
     @property
     def estimated_gpu_s(self) -> float | None:
         if self.rows is None:

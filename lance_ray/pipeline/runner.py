@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from lance_ray.errors import ClusterError, LanceRayError, RunError
 from lance_ray.io import storage
 from lance_ray.pipeline import sinks, sources
-from lance_ray.pipeline.planner import Group, Plan, make_plan, runs_side_by_side
+from lance_ray.pipeline.planner import Group, Plan, PlannedStep, make_plan, runs_side_by_side
 from lance_ray.pipeline.worker import LanceWorker, StepContext, finish_rows, prepare_rows
 from lance_ray.spec import Job, Step
 
@@ -97,7 +97,8 @@ def cluster_gpu_count() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def _step_context(job: Job, step: Step) -> StepContext:
+def _step_context(job: Job, planned: PlannedStep, on_gpu: bool) -> StepContext:
+    step = planned.step
     params = step.params_for(job)
     return StepContext(
         name=step.name,
@@ -107,6 +108,7 @@ def _step_context(job: Job, step: Step) -> StepContext:
         output_uri=step.output_path(job),
         video_codec=step.output.video_codec,
         turns=tuple(step.turns or ()),
+        timeout_s=planned.timeout_s(on_gpu),
     )
 
 
@@ -163,7 +165,7 @@ class JobRunner:
     def run_group(self, group: Group) -> None:
         """One checkpoint group: open each step's rows (minus those already committed), run them through
         one Ray Data pipeline, count what comes back, then write each step's manifest."""
-        contexts = {planned.step.name: _step_context(self.job, planned.step) for planned in group.steps}
+        contexts = {p.step.name: _step_context(self.job, p, group.gpus_per_actor > 0) for p in group.steps}
         summaries: dict[str, StepSummary] = {}
         datasets = []
         for planned in group.steps:

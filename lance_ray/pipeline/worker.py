@@ -32,6 +32,7 @@ from lance_ray.models.lance import (
 )
 from lance_ray.pipeline import sinks
 from lance_ray.pipeline.backends import TaskInput, TaskOutput, load_backend
+from lance_ray.pipeline.watchdog import Watchdog
 from lance_ray.spec import ModelRef, Params
 from lance_ray.spec.rows import (
     COMMIT_SCHEMA,
@@ -54,6 +55,7 @@ class StepContext:
     output_uri: str
     video_codec: str = "h264"
     turns: tuple[str, ...] = ()
+    timeout_s: float | None = None  # deadline of one model call (the watchdog's)
 
 
 def row_seed(params: Params, row_id: str, seed_override: int | None) -> int:
@@ -133,6 +135,7 @@ class LanceWorker:
         self.backend = load_backend(model, family, understanding_only=understanding_only)
         self.steps = steps
         self.batch_sizes = batch_sizes
+        self.watchdog = Watchdog(events_uri)
         self.load_id = uuid.uuid4().hex[:12]
         if events_uri:
             event = {
@@ -154,6 +157,10 @@ class LanceWorker:
         """Ray Data calls this from several threads at once (several batches in flight): the backend
         is thread-safe, and its GPU thread keeps the device busy with rows from all of them."""
         rows = rows_from_table(batch)
+        suspects = self.watchdog.suspects()  # rows that hung an earlier actor: written as errors, not rerun
+        for row in rows:
+            if not row.error and row.row_id in suspects:
+                row.error = suspects[row.row_id]
         # Sub-batches by step (one task, one settings object); LancePipeline groups each sub-batch by
         # shape itself (understanding shares decode slots across rows of any size and length, generation
         # batches same-shape targets).
@@ -179,7 +186,8 @@ class LanceWorker:
         started_at = datetime.now(timezone.utc).isoformat()
         t0 = time.perf_counter()
         try:
-            outputs, turn_outputs = self._run_task(ctx, chunk)
+            with self.watchdog.watching([r.row_id for r in chunk], ctx.timeout_s, f"{ctx.name}: {len(chunk)} row(s)"):
+                outputs, turn_outputs = self._run_task(ctx, chunk)
         except Exception as exc:
             if len(chunk) > 1:  # find the bad row instead of failing its neighbours
                 for row in chunk:

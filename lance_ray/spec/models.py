@@ -241,6 +241,12 @@ class Resources(_Model):
         default=None, ge=0, description="GPUs (one Lance actor each); default: all available; 0: CPU."
     )
     batch_size: int | None = Field(default=None, ge=1, description="Rows per model call; default: per task.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Most seconds one model call (a batch of this step) may run; past it the actor is restarted "
+        "and the batch's rows are written as timed out. Default: generous, from the task's cost.",
+    )
 
 
 class ScheduleSpec(_Model):
