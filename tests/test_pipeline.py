@@ -257,3 +257,33 @@ steps:
     assert "timed out" in rows["[debug:sleep=600] hangs"]["error"]
     assert all(rows[p]["error"] is None for p in "abc")
     assert len(_rows(tmp_path, "gen")) == 4
+
+
+def test_a_stuck_decode_becomes_a_row_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU stage gives up on a row whose decode runs past the step's timeout; the batch goes on."""
+    import threading
+
+    from lance_ray.models.lance import TASKS
+    from lance_ray.pipeline import worker
+    from lance_ray.spec import Params
+    from lance_ray.spec.rows import PREPARED_SCHEMA, Row, rows_from_table, rows_to_table
+
+    release = threading.Event()
+    real = worker.media.decode_image
+
+    def decode(uri: str):
+        if "stuck" in uri:
+            release.wait()  # a decoder stuck in a C library, until the test lets it go
+        return real(uri)
+
+    monkeypatch.setattr(worker.media, "decode_image", decode)
+    task = TASKS["image_edit"]
+    params = task.resolve(Params())
+    ctx = worker.StepContext("edit", task, params, task.settings(params), "/unused", timeout_s=1.0)
+    image = str(DATASETS / "images" / "tiles_256x256.png")
+    rows = [Row("ok", "edit", prompt="p", image=image), Row("stuck", "edit", prompt="p", image=image + "?stuck")]
+    out = rows_from_table(worker.prepare_rows(rows_to_table(rows, PREPARED_SCHEMA), {"edit": ctx}))
+    assert not release.is_set()  # the batch came back while the decoder was still stuck
+    release.set()
+    assert out[0].error is None and out[0].pixels is not None
+    assert "longer than 1s" in out[1].error

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -98,6 +99,29 @@ def _decode_input(ctx: StepContext, row: Row) -> np.ndarray | None:
     return pixels
 
 
+def _within(seconds: float | None, fn, *args):
+    """`fn(*args)`, or TimeoutError after `seconds`: a decoder stuck inside a C library cannot be stopped,
+    so it is left running on a daemon thread while the row is written as an error and the job goes on."""
+    if seconds is None:
+        return fn(*args)
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"decoding took longer than {seconds:.0f}s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
     """CPU stage: decode media and fix seeds. Rows that cannot be prepared carry `error`."""
     rows = rows_from_table(batch)
@@ -110,7 +134,7 @@ def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
             row.error = f"task {ctx.task.name} needs a non-empty {ctx.task.prompt_name}"
             continue
         try:
-            pixels = _decode_input(ctx, row)
+            pixels = _within(ctx.timeout_s, _decode_input, ctx, row)
         except Exception as exc:  # a bad row must never fail the job
             row.error = _error_text(exc)
             continue
