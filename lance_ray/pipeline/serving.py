@@ -16,6 +16,7 @@ memory there also halves the next engine's slots). The loop never dies on a row.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -25,11 +26,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from lance_ray.models.lance import ADMIT_TOKENS, admissible
+
 log = logging.getLogger(__name__)
-
-# Prompt tokens prefilled in one admission at most (bounds the activations of one ViT + prefill pass).
-ADMIT_TOKENS = 32_768
-
 
 def _out_of_memory(exc: BaseException) -> bool:
     import torch
@@ -47,7 +46,7 @@ class GpuLoop:
     def __init__(self, pipeline: Any, *, max_slots: int = 256) -> None:
         self.pipeline = pipeline
         self.max_slots = max_slots
-        self.admit_tokens = ADMIT_TOKENS
+        self.admit_tokens = ADMIT_TOKENS  # halved after a prefill runs out of memory
         self._inbox: queue.Queue = queue.Queue()
         self._pending: deque = deque()  # (request, future) waiting for a slot
         self._futures: dict[int, Future] = {}  # id(request) -> its future, while in a slot
@@ -99,15 +98,11 @@ class GpuLoop:
             engine = self._engine_for(self._pending[0][0])
             if engine is None:
                 return  # the next row needs bigger slots: wait for the engine to drain
-            chosen, tokens = [], 0
-            while self._pending and len(chosen) < engine.free and engine.fits(self._pending[0][0]):
-                request = self._pending[0][0]
-                if chosen and tokens + request.prompt_len > self.admit_tokens:
-                    break
-                chosen.append(self._pending.popleft())
-                tokens += request.prompt_len
-            if not chosen:
+            n = admissible(engine, [r for r, _ in itertools.islice(self._pending, engine.free)], self.admit_tokens)
+            if not n:
                 return
+            chosen = [self._pending.popleft() for _ in range(n)]
+            tokens = sum(r.prompt_len for r, _ in chosen)
             try:
                 engine.admit([r for r, _ in chosen])
             except BaseException as exc:

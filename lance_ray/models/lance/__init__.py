@@ -25,16 +25,20 @@ if TYPE_CHECKING:
     from .pipeline import LancePipeline
     from .preprocess import resize_for_understanding
     from .tiny import ensure_tiny_checkpoint, write_tiny_checkpoint
+    from .understand import ADMIT_TOKENS, admissible
 
 # name -> submodule that defines it; imported when the name is first used.
 _LAZY = {
     "LancePipeline": "pipeline",
+    "ADMIT_TOKENS": "understand",
+    "admissible": "understand",
     "resize_for_understanding": "preprocess",
     "write_tiny_checkpoint": "tiny",
     "ensure_tiny_checkpoint": "tiny",
 }
 
 __all__ = [
+    "ADMIT_TOKENS",
     "MAX_FRAMES",
     "MAX_NEW_TOKENS",
     "MAX_SIDE",
@@ -48,6 +52,7 @@ __all__ = [
     "Params",
     "SamplerSettings",
     "TaskSpec",
+    "admissible",
     "default_cache_dir",
     "ensure_tiny_checkpoint",
     "get_task",

@@ -27,7 +27,7 @@ slot; the row's prefill starts after them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from .tokenizer import IM_END
 from .transformer import KVCache, LanguageModel, Split
 
 CHECK_EVERY = 16  # decoding steps between looks at the new tokens on the host (each look is a device sync)
+ADMIT_TOKENS = 32_768  # prompt tokens prefilled in one admission at most (bounds the ViT + prefill activations)
 
 
 @dataclass
@@ -323,16 +324,32 @@ class DecodeEngine:
         return done
 
 
-def answer_all(engine: DecodeEngine, requests: list[Request], *, admit_at_most: int | None = None) -> list[Answer]:
+def admissible(engine: DecodeEngine, requests: Sequence[Request], token_budget: int = ADMIT_TOKENS) -> int:
+    """How many of the first `requests` to admit now: as many as there are free slots and fit them, within
+    `token_budget` prompt tokens (always at least one when one fits)."""
+    count, tokens = 0, 0
+    for request in requests:
+        if count == engine.free or not engine.fits(request):
+            break
+        if count and tokens + request.prompt_len > token_budget:
+            break
+        count += 1
+        tokens += request.prompt_len
+    return count
+
+
+def answer_all(engine: DecodeEngine, requests: list[Request], token_budget: int = ADMIT_TOKENS) -> list[Answer]:
     """Answers to every request, in request order: slots are refilled as rows end."""
     pending = list(requests)
     answers: dict[int, Answer] = {}
     order = {id(r): i for i, r in enumerate(requests)}
     while pending or engine.active:
-        room = min(engine.free, admit_at_most or engine.free)
-        if pending and room:
-            engine.admit(pending[:room])
-            pending = pending[room:]
+        n = admissible(engine, pending, token_budget)
+        if n:
+            engine.admit(pending[:n])
+            pending = pending[n:]
+        elif pending and not engine.active:
+            raise ValueError("a request does not fit the engine's slots")
         for answer in engine.run():
             answers[order[id(answer.request)]] = answer
     return [answers[i] for i in range(len(requests))]
