@@ -46,13 +46,15 @@ def _image(seed: int, height: int, width: int) -> np.ndarray:
 
 
 def write_images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    """JPEGs of the given sizes (kept when an earlier run of this script wrote them)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (h, w) in enumerate(sizes):
         path = folder / f"img{i:05d}.jpg"
-        Image.fromarray(_image(i, h, w)).save(path, quality=90)
+        if not path.exists():
+            Image.fromarray(_image(i, h, w)).save(path, quality=90)
         paths.append(path)
     return paths
 
@@ -63,11 +65,12 @@ def write_videos(folder: Path, n: int, height: int, width: int, frames: int, fps
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        base = _image(1000 + i, height, width)
-        clip = np.stack([np.roll(base, 4 * t, axis=1) for t in range(frames)])  # a slow pan
-        data, ext = encode_video(clip, fps, "h264")
-        path = folder / f"clip{i:04d}.{ext}"
-        path.write_bytes(data)
+        path = folder / f"clip{i:04d}.mp4"
+        if not path.exists():
+            base = _image(1000 + i, height, width)
+            clip = np.stack([np.roll(base, 4 * t, axis=1) for t in range(frames)])  # a slow pan
+            data, _ = encode_video(clip, fps, "h264")
+            path.write_bytes(data)
         paths.append(path)
     return paths
 
@@ -192,6 +195,7 @@ def bench_pipeline(work: Path, name: str, job_text: str, expected_rows: int) -> 
     job = work / f"{name}.yaml"
     job.write_text(job_text)
     out = work / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh output: a resumed run would skip rows
     sampler = GpuSampler(out)
     sampler.start()
     started = time.time()
@@ -249,7 +253,7 @@ def main() -> None:
     parser.add_argument("--only", default="engine,pipeline,video")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoint, toy sizes (CPU smoke test)")
     parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--videos", type=int, default=48)
+    parser.add_argument("--videos", type=int, default=24)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-captions"))
     args = parser.parse_args()
     only = set(args.only.split(","))
