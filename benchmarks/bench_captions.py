@@ -133,8 +133,59 @@ def bench_engine(ckpt: str, family: str, media: list[np.ndarray], lengths: list[
     out["static64_s"] = round(static, 3)
     out["static64_rows_per_s"] = round(len(requests) / static, 2)
     if cuda and reuse_check:
-        out["card_16gb"] = _on_a_smaller_card(pipe, requests[:64], 16e9, run)
+        print("engine", out, flush=True)
+        out["time_split"] = _time_split(pipe, requests)
+        out["profile_top_kernels"] = _profile(pipe, requests[:128])
+        try:
+            out["card_16gb"] = _on_a_smaller_card(pipe, requests[:64], 16e9, run)
+        except torch.cuda.OutOfMemoryError as exc:
+            out["card_16gb"] = {"error": str(exc)[:300]}
+            torch.cuda.empty_cache()
     return out
+
+
+def _time_split(pipe, requests: list) -> dict:
+    """Where the engine's time goes: admissions (ViT + prefill) vs decode windows (synchronised timers)."""
+    import torch
+
+    from lance_ray.models.lance.understand import admissible
+
+    engine = pipe.new_engine(requests)
+    engine.eos_id = -1
+    pending, split = list(requests), {"admit_s": 0.0, "decode_s": 0.0, "admissions": 0, "windows": 0}
+    while pending or engine.active:
+        n = admissible(engine, pending)
+        if n:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.admit(pending[:n])
+            torch.cuda.synchronize()
+            split["admit_s"] += time.perf_counter() - t0
+            split["admissions"] += 1
+            pending = pending[n:]
+        t0 = time.perf_counter()
+        engine.run()  # ends with a host sync
+        split["decode_s"] += time.perf_counter() - t0
+        split["windows"] += 1
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in split.items()}
+
+
+def _profile(pipe, requests: list) -> list[dict]:
+    """Top CUDA kernels by time over answering `requests` (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lance_ray.models.lance.understand import answer_all
+
+    engine = pipe.new_engine(requests)
+    engine.eos_id = -1
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        answer_all(engine, requests)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:30]
+    total = sum(e.device_time_total for e in prof.key_averages())
+    return [{"kernel": e.key[:120], "calls": e.count, "ms": round(e.device_time_total / 1000, 2),
+             "share": round(e.device_time_total / max(total, 1), 3)} for e in events]
 
 
 def _on_a_smaller_card(pipe, requests: list, card_bytes: float, run) -> dict:

@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from lance_ray.models.lance import ADMIT_TOKENS, admissible
+from lance_ray.models.lance import admissible
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class GpuLoop:
     def __init__(self, pipeline: Any, *, max_slots: int = 256) -> None:
         self.pipeline = pipeline
         self.max_slots = max_slots
-        self.admit_tokens = ADMIT_TOKENS  # halved after a prefill runs out of memory
+        self.admit_tokens: int | None = None  # None: the engine's own budget; halved after a prefill runs out of memory
         self._inbox: queue.Queue = queue.Queue()
         self._pending: deque = deque()  # (request, future) waiting for a slot
         self._futures: dict[int, Future] = {}  # id(request) -> its future, while in a slot
@@ -98,7 +98,8 @@ class GpuLoop:
             engine = self._engine_for(self._pending[0][0])
             if engine is None:
                 return  # the next row needs bigger slots: wait for the engine to drain
-            n = admissible(engine, [r for r, _ in itertools.islice(self._pending, engine.free)], self.admit_tokens)
+            budget = min(engine.admit_tokens, self.admit_tokens or engine.admit_tokens)
+            n = admissible(engine, [r for r, _ in itertools.islice(self._pending, engine.free)], budget)
             if not n:
                 return
             chosen = [self._pending.popleft() for _ in range(n)]

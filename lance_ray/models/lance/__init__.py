@@ -25,12 +25,11 @@ if TYPE_CHECKING:
     from .pipeline import LancePipeline
     from .preprocess import resize_for_understanding
     from .tiny import ensure_tiny_checkpoint, write_tiny_checkpoint
-    from .understand import ADMIT_TOKENS, admissible
+    from .understand import admissible
 
 # name -> submodule that defines it; imported when the name is first used.
 _LAZY = {
     "LancePipeline": "pipeline",
-    "ADMIT_TOKENS": "understand",
     "admissible": "understand",
     "resize_for_understanding": "preprocess",
     "write_tiny_checkpoint": "tiny",
@@ -38,7 +37,6 @@ _LAZY = {
 }
 
 __all__ = [
-    "ADMIT_TOKENS",
     "MAX_FRAMES",
     "MAX_NEW_TOKENS",
     "MAX_SIDE",

@@ -31,7 +31,16 @@ from .sequence import build_understanding
 from .settings import DecodeSettings, GenerationSettings
 from .tasks import TaskSpec, get_task
 from .tokenizer import LanceTokenizer
-from .understand import DecodeEngine, Request, answer_all, capacity_for, normalize_answer, slots_for_memory
+from .understand import (
+    ADMIT_BYTES_PER_TOKEN,
+    ADMIT_TOKENS,
+    DecodeEngine,
+    Request,
+    answer_all,
+    capacity_for,
+    normalize_answer,
+    slots_for_memory,
+)
 
 if TYPE_CHECKING:
     from .vae import WanVAE
@@ -189,17 +198,18 @@ class LancePipeline:
     def new_engine(self, requests: list[Request], *, max_slots: int = 256, reserve_bytes: int | None = None
                    ) -> DecodeEngine:
         """A decode engine whose slots hold every one of `requests`, with as many slots (at most `max_slots`)
-        as the free GPU memory allows after `reserve_bytes` for activations (default: a quarter of it, at
-        least 4 GiB). On CPU: one slot per request, up to 16."""
+        as the free GPU memory allows after `reserve_bytes` for the activations of admissions (default: a
+        quarter of it, at least 4 GiB), and admissions sized to that reserve. On CPU: up to 16 slots."""
         capacity = capacity_for(requests)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            reserve = reserve_bytes if reserve_bytes is not None else max(4 << 30, free // 4)
-            slots = slots_for_memory(self.model.llm, capacity, free, reserve_bytes=reserve, max_slots=max_slots)
-        else:
-            slots = max(1, min(max_slots, 16))
+        if self.device.type != "cuda":
+            return DecodeEngine(self.model, eos_id=self.tokenizer.special.im_end, vocab_limit=len(self.tokenizer),
+                                slots=max(1, min(max_slots, 16)), capacity=capacity)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        reserve = reserve_bytes if reserve_bytes is not None else max(4 << 30, free // 4)
+        slots = slots_for_memory(self.model.llm, capacity, free, reserve_bytes=reserve, max_slots=max_slots)
+        admit_tokens = max(1024, min(ADMIT_TOKENS, reserve // ADMIT_BYTES_PER_TOKEN))
         return DecodeEngine(self.model, eos_id=self.tokenizer.special.im_end, vocab_limit=len(self.tokenizer),
-                            slots=slots, capacity=capacity)
+                            slots=slots, capacity=capacity, admit_tokens=admit_tokens)
 
     def decode_answer(self, ids: list[int]) -> str:
         return normalize_answer(self.tokenizer.decode(ids))

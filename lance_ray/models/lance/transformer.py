@@ -123,6 +123,15 @@ class KVCache:
     def batch(self) -> int:
         return len(self.lens)
 
+    def head(self, rows: int) -> KVCache:
+        """A view of the first `rows` rows (no copy): decoding only the slots in use writes and reads the
+        same storage. The view's host `lens` is its own list; its owner copies it back."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[:rows] for t in self.k], [t[:rows] for t in self.v]
+        view.capacity, view.static_decode = self.capacity, self.static_decode
+        view.lens, view.lens_t = self.lens[:rows], self.lens_t[:rows]
+        return view
+
     def advance(self, added: list[int]) -> None:
         if any(n + a > self.capacity for n, a in zip(self.lens, added, strict=True)):
             raise ValueError(f"KV cache overflow: lens {self.lens} + {added} > capacity {self.capacity}")

@@ -16,7 +16,10 @@ a row's answer is the one it gets alone (checked in fp32 on CPU by the tests).
 
 Slots are padded to C tokens (the longest prompt + max_new_tokens + a `check_every` margin: a row
 decodes a few steps past its end before the host notices). `slots_for_memory` sizes S from the free
-GPU memory. Sampling draws from a per-row generator seeded with the row's seed, so a row's sample does
+GPU memory. A decode step runs only over the slots in use: the lowest free slots are filled first, and
+the step covers the first b slots, b the smallest power of two (or S) that holds every active one, with
+one CUDA graph per b — so a half-empty engine costs half a step, and a deep pool of slots reserved for
+long rows costs nothing until rows fill it. Sampling draws from a per-row generator seeded with the row's seed, so a row's sample does
 not depend on its neighbours either.
 
 Prefix reuse: every prompt starts with the same text (the system prompt and the user turn's header, up
@@ -41,6 +44,9 @@ from .transformer import KVCache, LanguageModel, Split
 
 CHECK_EVERY = 16  # decoding steps between looks at the new tokens on the host (each look is a device sync)
 ADMIT_TOKENS = 32_768  # prompt tokens prefilled in one admission at most (bounds the ViT + prefill activations)
+# GPU memory one admitted prompt token needs during its ViT + prefill pass (measured about 200 KB on an H200
+# at image_768res, bf16): the admission budget of a small card comes from its activation reserve.
+ADMIT_BYTES_PER_TOKEN = 256 << 10
 
 
 @dataclass
@@ -169,7 +175,8 @@ class DecodeEngine:
 
     def __init__(self, model: LanceModel, *, eos_id: int, vocab_limit: int, slots: int, capacity: int,
                  cuda_graph: bool | None = None, check_every: int = CHECK_EVERY,
-                 keep_first_logits: bool = False, reuse_prefix: bool = True) -> None:
+                 keep_first_logits: bool = False, reuse_prefix: bool = True,
+                 admit_tokens: int = ADMIT_TOKENS) -> None:
         llm = model.llm
         self.model, self.eos_id, self.check_every = model, eos_id, check_every
         self.keep_first_logits, self.reuse_prefix = keep_first_logits, reuse_prefix
@@ -177,8 +184,10 @@ class DecodeEngine:
         self.device, dtype = llm.embed.weight.device, llm.embed.weight.dtype
         self.capacity = capacity
         self.cache = KVCache(llm.cfg, slots, capacity, self.device, dtype)
-        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.step = DecodeStep(llm, self.cache, vocab_limit, use_graph)
+        self.admit_tokens = admit_tokens  # prompt tokens per admission at most (see `admissible`)
+        self._use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self._vocab_limit = vocab_limit
+        self._steps: dict[int, tuple[KVCache, DecodeStep]] = {}  # per decode width b: a cache view and its step
         self.slots: list[_Slot | None] = [None] * slots
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # the token each slot feeds next
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)  # ... and its position
@@ -285,12 +294,16 @@ class DecodeEngine:
         """Decode `check_every` steps for every slot; return the rows that ended (their slots are free again)."""
         if not self.active:
             return []
-        k, n = self.check_every, len(self.slots)
+        k = self.check_every
+        n = self._width()
+        view, step_fn = self._step_for(n)
+        view.lens = self.cache.lens[:n]
         window = torch.empty(n, k, dtype=torch.long, device=self.device)
-        sampled = [i for i, s in enumerate(self.slots) if s is not None and s.generator is not None]
-        fresh = [i for i, s in enumerate(self.slots) if s is not None and not s.started]
+        sampled = [i for i, s in enumerate(self.slots[:n]) if s is not None and s.generator is not None]
+        fresh = [i for i, s in enumerate(self.slots[:n]) if s is not None and not s.started]
+        tokens, positions = self.tokens[:n], self.positions[:n]
         for step in range(k):
-            logits = self.step(self.tokens, self.positions.expand(3, n))
+            logits = step_fn(tokens, positions.expand(3, n))
             if step == 0 and self.keep_first_logits:
                 for i in fresh:
                     self.slots[i].first_logits = logits[i].float().cpu()
@@ -299,13 +312,28 @@ class DecodeEngine:
                 r = self.slots[i].request
                 nxt[i] = _sample(logits[i], r.temperature, r.top_p, self.slots[i].generator)[0]
             window[:, step] = nxt
-            self.tokens.copy_(nxt)
-            self.positions += 1
+            tokens.copy_(nxt)
+            positions += 1
+        self.cache.lens[:n] = view.lens
         return self._collect(window.tolist())
+
+    def _width(self) -> int:
+        """Slots a decode step covers: the smallest power of two (or all slots) past the last active one."""
+        top = max(i for i, s in enumerate(self.slots) if s is not None) + 1
+        width = 1
+        while width < top:
+            width *= 2
+        return min(width, len(self.slots))
+
+    def _step_for(self, width: int) -> tuple[KVCache, DecodeStep]:
+        if width not in self._steps:
+            view = self.cache.head(width)
+            self._steps[width] = (view, DecodeStep(self.model.llm, view, self._vocab_limit, self._use_graph))
+        return self._steps[width]
 
     def _collect(self, window: list[list[int]]) -> list[Answer]:
         done: list[Answer] = []
-        for i, slot in enumerate(self.slots):
+        for i, slot in enumerate(self.slots[: len(window)]):
             if slot is None:
                 continue
             slot.started = True
@@ -324,9 +352,10 @@ class DecodeEngine:
         return done
 
 
-def admissible(engine: DecodeEngine, requests: Sequence[Request], token_budget: int = ADMIT_TOKENS) -> int:
+def admissible(engine: DecodeEngine, requests: Sequence[Request], token_budget: int | None = None) -> int:
     """How many of the first `requests` to admit now: as many as there are free slots and fit them, within
-    `token_budget` prompt tokens (always at least one when one fits)."""
+    `token_budget` prompt tokens (default: the engine's `admit_tokens`; always at least one when one fits)."""
+    token_budget = engine.admit_tokens if token_budget is None else token_budget
     count, tokens = 0, 0
     for request in requests:
         if count == engine.free or not engine.fits(request):
@@ -338,7 +367,7 @@ def admissible(engine: DecodeEngine, requests: Sequence[Request], token_budget: 
     return count
 
 
-def answer_all(engine: DecodeEngine, requests: list[Request], token_budget: int = ADMIT_TOKENS) -> list[Answer]:
+def answer_all(engine: DecodeEngine, requests: list[Request], token_budget: int | None = None) -> list[Answer]:
     """Answers to every request, in request order: slots are refilled as rows end."""
     pending = list(requests)
     answers: dict[int, Answer] = {}
