@@ -16,13 +16,15 @@ segment length, so memory stays linear in N (x2t_video at 480p/121 frames).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 from .config import ViTConfig
-from .layers import SDPA_BACKENDS, RMSNorm, rotate_half
+from .layers import SDPA_BACKENDS, RMSNorm, fused_on_gpu, rotate_half
 
 
 class VisionBlock(nn.Module):
@@ -38,9 +40,7 @@ class VisionBlock(nn.Module):
         self.up_proj = nn.Linear(D, cfg.intermediate_size)
         self.down_proj = nn.Linear(cfg.intermediate_size, D)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[torch.Tensor, int]]
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[Segments]) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.num_heads, -1).unbind(1)  # each [n, heads, hd]
         q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
@@ -49,36 +49,53 @@ class VisionBlock(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
+@fused_on_gpu
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Computed in float32 as the reference does, whatever the activation dtype.  x: [n, heads, hd]
     xf = x.float()
     return (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)
 
 
-def _segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[torch.Tensor, int]]
-) -> torch.Tensor:
-    """Bidirectional attention inside contiguous segments.  segments: (start offsets [S], length) groups."""
+@dataclass(frozen=True)
+class Segments:
+    """Equal-length attention segments: `starts` [S] offsets of segments of `length` tokens. `tiled`: they
+    are all the segments, back to back from 0 (every image of a batch the same size), so the tokens are
+    already a [S, length] batch and need no gather."""
+
+    starts: torch.Tensor
+    length: int
+    tiled: bool
+
+
+def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[Segments]) -> torch.Tensor:
+    """Bidirectional attention inside contiguous segments; one SDPA per distinct segment length."""
+    if len(segments) == 1 and segments[0].tiled:  # [S*length, heads, hd] is [S, length, heads, hd] as it stands
+        return _attend(q, k, v, segments[0].length)
     out = torch.empty_like(q)
-    for starts, length in segments:
-        idx = (starts[:, None] + torch.arange(length, device=q.device)).reshape(-1)
-        # [S*length, heads, hd] -> [S, heads, length, hd]
-        qs, ks, vs = (t[idx].view(-1, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        with sdpa_kernel(SDPA_BACKENDS):
-            attn = F.scaled_dot_product_attention(qs, ks, vs)
-        out[idx] = attn.transpose(1, 2).reshape(-1, *q.shape[1:])
+    for seg in segments:
+        idx = (seg.starts[:, None] + torch.arange(seg.length, device=q.device)).reshape(-1)
+        out[idx] = _attend(q[idx], k[idx], v[idx], seg.length)
     return out
 
 
-def _group_by_length(lengths: list[int], device: torch.device) -> list[tuple[torch.Tensor, int]]:
-    """Contiguous segments of the given lengths -> [(start offsets, length)] per distinct length."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
+    """q, k, v: [S*length, heads, hd] of S segments back to back -> attention within each segment, same shape."""
+    qs, ks, vs = (t.view(-1, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # [S, heads, length, hd]
+    with sdpa_kernel(SDPA_BACKENDS):
+        attn = F.scaled_dot_product_attention(qs, ks, vs)
+    return attn.transpose(1, 2).reshape(q.shape)
+
+
+def _group_by_length(lengths: list[int], device: torch.device) -> list[Segments]:
+    """Contiguous segments of the given lengths -> one `Segments` per distinct length."""
     starts: dict[int, list[int]] = {}
     offset = 0
     for n in lengths:
         if n:
             starts.setdefault(n, []).append(offset)
         offset += n
-    return [(torch.tensor(s, device=device), n) for n, s in starts.items()]
+    tiled = len(starts) == 1 and all(n > 0 for n in lengths)
+    return [Segments(torch.tensor(s, device=device), n, tiled) for n, s in starts.items()]
 
 
 class VisionTransformer(nn.Module):
