@@ -224,7 +224,7 @@ def denoise(
     gen_row[0] = gen_row[-1] = False
     for lane in lanes:
         lane.set_query_layout(Lq, positions, gen_row)
-    pos_index = latent_position_index(t, h, w).to(device).repeat(B)  # [B * N_target]
+    pos_emb = model.latent.position_embedding(latent_position_index(t, h, w).to(device)).repeat(B, 1)  # [B*N, H]
     sigma_rows = torch.zeros(n_target, device=device)
 
     for i in range(schedule.steps):
@@ -232,7 +232,7 @@ def denoise(
         sigma = schedule.sigmas[i]
         sigma_rows[n_clean:] = sigma  # device-side copy: no host sync
         latents = x if clean is None else torch.cat([clean, x], dim=1)  # [B, N_target, 48]
-        lat_emb = model.latent.embed(latents.reshape(-1, 48), sigma_rows.repeat(B), pos_index)
+        lat_emb = model.latent.embed_at(latents.reshape(-1, 48), sigma_rows.repeat(B), pos_emb)
         query = torch.cat([start_end[:, :1], lat_emb.view(B, n_target, -1), start_end[:, 1:]], dim=1)
         active = BRANCHES if cfg else ("cond",)
         v_branch = {}

@@ -45,6 +45,7 @@ class GenerationShape:
 class GenerationFootprint:
     shape: GenerationShape
     bytes_per_token: int  # activations of one forward, per token, at its widest point
+    bytes_per_sample_token: int  # the step's own tensors, per latent token of a sample
     cache_bytes_per_token: int  # KV cache of all layers, per cached token
     mlp_chunk_bytes: int  # the MLP's intermediates of one token chunk (fixed, not per token)
     decode_bytes_per_pixel: int  # VAE decoder activations per output pixel of one call
@@ -53,19 +54,18 @@ class GenerationFootprint:
     def of(cls, cfg: LLMConfig, vae_dec_dim: int, dtype_bytes: int, shape: GenerationShape) -> GenerationFootprint:
         H, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        qkv = (nh + 2 * nkv) * hd
-        # Attention stage of a layer, per token: residual in and out, norm, projected and normed q|k|v,
-        # rotated q|k, q and output of one attention batch, keys/values repeated for grouped-query heads.
-        attention = 3 * H + 2 * qkv + (nh + nkv) * hd + 2 * nh * hd + 2 * nh * hd
-        # MLP stage outside the chunk: residual in and out, norm, output.
-        mlp = 4 * H
-        # Per-step tensors per token: latent and time embeddings, query, repeated query, velocities.
-        step = 6 * H
+        # A layer's attention stage, per token, at the attention call: the residual stream and the caller's
+        # input, packed q|k|v, rotated q|k, keys/values with the cached ones and repeated for the query
+        # heads, the attention output and its copy into the packed order.
+        attention = 2 * H + (nh + 2 * nkv) * hd + (nh + nkv) * hd + 2 * nkv * hd + 2 * nh * hd + 2 * nh * hd
+        # The MLP stage outside its chunk: residual, caller's input, norm, output, new residual.
+        mlp = 5 * H
         return cls(
             shape,
-            bytes_per_token=(max(attention, mlp) + step) * dtype_bytes,
+            bytes_per_token=max(attention, mlp) * dtype_bytes,
+            bytes_per_sample_token=3 * H * dtype_bytes,  # query, latent embeddings, position rows
             cache_bytes_per_token=cfg.num_hidden_layers * 2 * nkv * hd * dtype_bytes,
-            mlp_chunk_bytes=MLP_CHUNK_TOKENS * (3 * inter + H) * dtype_bytes,
+            mlp_chunk_bytes=MLP_CHUNK_TOKENS * (3 * inter + H) * dtype_bytes,  # gate|up, activation, out
             # The decoder peaks where its second-to-last stage upsamples to half the output resolution
             # (2 * dec_dim channels there, i.e. dec_dim / 2 values per output pixel per tensor): the
             # upsampled input and the conv output, the shortcut before and after its reshuffle, the stage
@@ -78,8 +78,8 @@ class GenerationFootprint:
         branches = 2 if s.cfg else 1
         prefix = TEXT_TOKENS + s.condition_tokens
         forward_tokens = batch * branches * max(prefix, s.target_tokens + 2)
-        return (forward_tokens * self.bytes_per_token + self.mlp_chunk_bytes
-                + batch * branches * prefix * self.cache_bytes_per_token)
+        return (forward_tokens * self.bytes_per_token + batch * s.target_tokens * self.bytes_per_sample_token
+                + self.mlp_chunk_bytes + batch * branches * prefix * self.cache_bytes_per_token)
 
     def decode_bytes(self) -> int:
         """One decoder call: one image, or one pixel frame of a video."""

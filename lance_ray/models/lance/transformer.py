@@ -63,10 +63,10 @@ class Split:
     causal: bool
 
 
-# Tokens per MLP call: the MLP's intermediate activations ([tokens, 2 * intermediate]) are the largest
+# Tokens per MLP call: the MLP's intermediate activations ([tokens, 3 * intermediate]) are the largest
 # tensors of a forward; past this many tokens (t2v, big batches) the MLP runs chunk by chunk, which
-# bounds them at ~1 GB (bf16, Lance-3B) without making the matmuls less efficient.
-MLP_CHUNK_TOKENS = 16384
+# bounds them at ~0.6 GB (bf16, Lance-3B) while each matmul still has thousands of rows.
+MLP_CHUNK_TOKENS = 8192
 
 
 class Expert(nn.Module):
@@ -357,19 +357,28 @@ class RowGroup:
     key_mask: torch.Tensor | None  # additive [G, 1, 1, max(pasts) + n_tokens] when the pasts differ
 
 
+# Distinct cached lengths among rows of one bidirectional query layout up to which each length keeps its
+# own attention call (exact shapes: flash/cuDNN kernels); past it, the rows alone at their length share one
+# padded, masked call (the memory-efficient kernel) -- e.g. the conditional rows of a batch of different
+# prompts, while the unconditional rows (one shared prefix) stay one unmasked call.
+MAX_UNPADDED_LENGTHS = 4
+
+
 def group_rows(rows: list[list[Split]], cache: KVCache | None, device: torch.device,
                dtype: torch.dtype = torch.float32, pad_cached: bool = False) -> list[RowGroup]:
-    """Group rows by splits and cached length (with `pad_cached`, bidirectional rows by splits alone);
-    built once per layout, shared by all layers."""
-    by_sig: dict[tuple, list[tuple[int, int, int]]] = {}  # signature -> [(row, packed start, past)]
+    """Group rows by splits and cached length; with `pad_cached` (a query that reads the cache without
+    extending it), bidirectional rows alone at their cached length are padded into one group when there
+    are more than `MAX_UNPADDED_LENGTHS` lengths.  Built once per layout, shared by all layers."""
+    by_sig: dict[tuple, list[tuple[int, int, int]]] = {}  # (past, splits) -> [(row, packed start, past)]
     start = 0
     for b, splits in enumerate(rows):
         n = sum(s.length for s in splits)
         if n:
             past = cache.lens[b] if cache is not None else 0
-            padded = pad_cached and cache is not None and not any(s.causal for s in splits)
-            by_sig.setdefault((None if padded else past, tuple(splits)), []).append((b, start, past))
+            by_sig.setdefault((past, tuple(splits)), []).append((b, start, past))
         start += n
+    if pad_cached and cache is not None:
+        by_sig = _pad_lone_rows(by_sig)
     groups = []
     for (_, splits), members in by_sig.items():
         n = sum(s.length for s in splits)
@@ -381,6 +390,20 @@ def group_rows(rows: list[list[Split]], cache: KVCache | None, device: torch.dev
         groups.append(RowGroup(bs, n, tuple(pasts), splits, row_index, token_index,
                                _padding_mask(pasts, n, device, dtype)))
     return groups
+
+
+def _pad_lone_rows(by_sig: dict[tuple, list]) -> dict[tuple, list]:
+    """Merge the one-row groups of each bidirectional layout into one padded group (key past = None)."""
+    lengths: dict[tuple, int] = {}
+    for _, splits in by_sig:
+        lengths[splits] = lengths.get(splits, 0) + 1
+    merged: dict[tuple, list] = {}
+    for (past, splits), members in by_sig.items():
+        alone = len(members) == 1 and lengths[splits] > MAX_UNPADDED_LENGTHS and not any(s.causal for s in splits)
+        merged.setdefault((None, splits) if alone else (past, splits), []).extend(members)
+    for key in [k for k in merged if k[0] is None]:  # keep rows in packing order inside the padded group
+        merged[key].sort()
+    return merged
 
 
 def _as_slice(index: list[int]) -> slice | None:
