@@ -174,7 +174,7 @@ class Lane:
         try:
             with torch.cuda.device(self.device):
                 self._graphs[active] = _Graph(lambda t: self._forward(t, active), x, self._pool)
-        except RuntimeError as exc:  # a kernel that cannot be captured: stay eager, keep going
+        except Exception as exc:  # whatever cannot be captured: this lane stays eager, generation goes on
             log.warning("denoising step not captured as a CUDA graph (%s); running it eagerly", exc)
             self.use_graphs = False
         return v

@@ -83,7 +83,7 @@ def _probe(device: torch.device) -> bool:
     bias = torch.randn(48, generator=generator).to(device)
     try:
         out = fp8_linear(x, quantize_weight(weight, bias)).float()
-    except (RuntimeError, NotImplementedError) as exc:  # no kernel for this device or build
+    except Exception as exc:  # no kernel for this device or build: whatever it raises, the exact path runs
         log.info("FP8 matmuls unavailable on %s: %s", device, exc)
         return False
     reference = x @ weight.T + bias

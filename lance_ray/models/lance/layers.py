@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,21 +36,29 @@ PADDED_KEY_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # a quarter off a denoising step on an H100. LANCE_RAY_COMPILE=0 turns it off.
 FUSE_ON_GPU = os.environ.get("LANCE_RAY_COMPILE", "1") != "0"
 _compiled: dict = {}
+_not_compilable: set = set()
 _capture_uses_compiled = False
+log = logging.getLogger(__name__)
 
 
 def fused_on_gpu(fn):
-    """`fn` compiled into one kernel when its first argument is on a GPU (eager on CPU).  While a CUDA graph
-    is being captured compiling is not allowed: the eager `fn` runs, unless the capture was opened under
-    `compiled_kernels_in_capture()` and `fn` is already compiled (its warm-up ran the same shapes)."""
+    """`fn` compiled into one kernel when its first argument is on a GPU (eager on CPU, and for good if
+    compiling it fails).  While a CUDA graph is being captured compiling is not allowed: the eager `fn`
+    runs, unless the capture was opened under `compiled_kernels_in_capture()` and `fn` is already compiled
+    (its warm-up ran the same shapes)."""
 
     def call(x: torch.Tensor, *args):
-        if FUSE_ON_GPU and x.is_cuda:
+        if FUSE_ON_GPU and x.is_cuda and fn not in _not_compilable:
             if not torch.cuda.is_current_stream_capturing():
                 if fn not in _compiled:
                     _compiled[fn] = torch.compile(fn, dynamic=True)
-                return _compiled[fn](x, *args)
-            if _capture_uses_compiled and fn in _compiled:
+                try:
+                    return _compiled[fn](x, *args)
+                except Exception as exc:  # a compiler failure must not stop generation: run it eagerly
+                    log.warning("compiling %s failed (%s: %s); it runs unfused", fn.__name__, type(exc).__name__, exc)
+                    _not_compilable.add(fn)
+                    _compiled.pop(fn, None)
+            elif _capture_uses_compiled and fn in _compiled:
                 return _compiled[fn](x, *args)
         return fn(x, *args)
 
