@@ -6,6 +6,7 @@
 
 One GPU, in order (each case is skipped once `--budget-s` has passed; a failing case is recorded and the
 run goes on):
+  parity     the exact path on this device against the official outputs of the tiny checkpoint (fp32, bf16)
   t2i        t2i 768² exact, 30 steps, batches 1 / 4 / 16: s/image, MFU, peak memory (+ the memory model's
              prediction and the batch it would pick on a 24 GB card; the VAE decoder's bytes per pixel)
   modes      t2i 768² at batch 8, same seeds: exact, fp8, step_cache 0.05 / 0.15, fp8 + step_cache 0.15:
@@ -190,6 +191,37 @@ def captured_lanes():
 # ---------------------------------------------------------------------------------------------------------
 # Cases
 # ---------------------------------------------------------------------------------------------------------
+GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
+
+
+def case_parity(b: Bench) -> dict:
+    """The exact path on this device (CUDA graphs, fused kernels, its attention kernels) against the
+    official code's outputs on the tiny checkpoint: fp32 within the CPU tests' 1e-3, bf16 within their
+    bounds (cosine > 0.9999, max relative difference < 0.03)."""
+    from safetensors.torch import load_file
+
+    from lance_ray.models.lance.generate import GenerationInput, denoise
+    from lance_ray.models.lance.pipeline import LancePipeline
+    from lance_ray.models.lance.tasks import TASKS
+    from lance_ray.models.lance.tiny import ensure_tiny_checkpoint
+
+    root = ensure_tiny_checkpoint(Path(tempfile.gettempdir()) / "lance-bench-tiny")
+    meta = json.loads((GOLDEN / "fp32_kv" / "t2i" / "generation_meta.json").read_text())
+    settings = TASKS["t2i"].settings_for().sampler
+    device = "cuda" if b.cuda else "cpu"
+    out = {}
+    for dtype, golden_dir in (("float32", "fp32_kv"), ("bfloat16", "bf16_kv")):
+        expected = load_file(GOLDEN / golden_dir / "t2i" / "generation.safetensors")["final_latent_target"]
+        pipe = LancePipeline.from_pretrained(str(root), family="image", device=device, dtype=dtype)
+        inp = GenerationInput(meta["prompt"], tuple(expected.shape[:3]), 42)
+        latents = denoise(pipe.model, pipe.tokenizer, "t2i", [inp], settings)[0].float().cpu()
+        cosine = torch.nn.functional.cosine_similarity(latents.flatten(), expected.flatten(), dim=0).item()
+        max_rel = ((latents - expected).abs().max() / expected.abs().max()).item()
+        ok = max_rel < 1e-3 if dtype == "float32" else (cosine > 0.9999 and max_rel < 0.03)
+        out[dtype] = {"cosine": round(cosine, 6), "max_rel": round(max_rel, 6), "within_test_bounds": ok}
+    return out
+
+
 def case_t2i(b: Bench) -> dict:
     from lance_ray.models.lance.memory import RESERVE_BYTES, largest_batch
 
@@ -427,7 +459,7 @@ def main() -> None:
         cases = {"cfg_parallel": case_cfg_parallel}
     else:
         # Image cases, then video ones (switching families rebuilds the model), the least needed last.
-        cases = {"t2i": case_t2i, "modes": case_modes, "profile": case_profile, "edit": case_edit,
+        cases = {"parity": case_parity, "t2i": case_t2i, "modes": case_modes, "profile": case_profile, "edit": case_edit,
                  "graphs": case_graphs, "t2v": case_t2v, "peaks": case_peaks, "video_edit": case_video_edit,
                  "t2v_modes": case_t2v_modes, "mixed": case_mixed}
     only = set(args.only.split(",")) if args.only else set(cases)

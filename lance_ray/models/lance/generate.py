@@ -16,6 +16,10 @@ target shape at once:
   Euler update of the denoised rows only.  For i2v the query holds latent frame 0 (the clean first-frame
   latent, σ = 0 forever) and CFG/renorm see those rows too, as in the official code; they are never
   updated.
+The caches and the per-step forward live in `Lane`s (branches.py): one lane for both branches on the exact
+path; opt-in speed modes (`SpeedSettings`): `fp8` (the gen expert's matmuls in FP8), `step_cache` (skip a
+step's deep layers when its first layer's output barely changed, per branch) and `cfg_parallel` (the
+unconditional branch on its own lane on a second GPU).
 
 Conditions are given already encoded (`GenerationInput`): edits bring the source's ViT tokens and its
 (sampled) VAE latent, which enter the prefix with σ = 0; i2v brings the first frame's latent.  Each sample's
@@ -23,8 +27,9 @@ initial noise comes from its own seed (sampler.initial_noise: all latent rows dr
 the tail), so a sample's result does not depend on its batch neighbours.
 
 From media to media (what `LancePipeline`'s generation methods call): `MediaRow` per input row, then
-`generate_media` groups rows by target shape, and per batch of at most `max_batch_size` rows encodes the
-conditions, denoises and decodes.  Conditions:
+`generate_media` groups rows by target shape, and per batch of at most `max_batch_size` rows (and on a GPU
+at most what memory.py says fits) encodes the conditions, denoises and decodes -- the decode on a side
+CUDA stream, beside the next batch's denoising.  Conditions:
 * edits: the source through the ViT stream (preset buckets, one ViT call per batch) and through the VAE
   stream, encoded and *sampled* from the posterior ``mu + exp(log_var / 2)·ε``;
 * i2v: the image through the VAE stream, sampled likewise; it becomes latent frame 0 of the target (the

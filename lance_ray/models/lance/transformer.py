@@ -15,13 +15,22 @@ row in this call, and to itself (causally, bottom-right aligned, or fully).  Row
 
     h = lm(x, pos, rows, cache=cache, gen_mask=gen_mask, update_cache=True)   # [N, H], final-normed
 
-Pass `routing=Routing(gen_mask)` instead of `gen_mask` to reuse the expert split across many calls.
+Pass `routing=Routing(gen_mask)` instead of `gen_mask` to reuse the expert split across many calls, or
+`plan=lm.plan(pos, rows, ...)` to reuse the whole layout (`ForwardPlan`: rotary tables, routing,
+attention batches) -- the denoising query has the same layout at every step.  `run_layers` and
+`final_norm` run parts of a forward (the step cache runs the first layer alone).
 
 `KVCache(cfg, batch, capacity, device, dtype)` holds per-layer keys/values `[B, nkv, capacity, hd]`
 and the per-row lengths; row b of the cache is row b of `rows`.  With `update_cache=False` the call
 reads the cache without extending it (the denoising query of generation).  Calls where every row has
 exactly one token take a batched path (one masked SDPA over the padded cache); everything else runs
-one SDPA per split (flash / memory-efficient kernels on GPU, never a dense [N, N] mask).
+one SDPA per split for each group of rows with the same layout and cached length (flash / cuDNN /
+memory-efficient kernels on GPU, never a dense [N, N] mask); a bidirectional query over the cache batches
+rows of different cached lengths too, padding their keys and masking the padding (`group_rows`).
+
+The experts are built in the checkpoint's layout and fused once after loading (`fuse_projections`: one
+q|k|v and one gate|up matmul each).  Routing avoids gathers where one expert has nearly all tokens
+(`Routing`), and the gen expert's matmuls can run in FP8 (`ForwardPlan.gen_fp8`, fp8.py).
 
 `LanguageModel` (this backbone + embed + lm_head) is the `llm` part of `LanceModel` (model.py).
 
