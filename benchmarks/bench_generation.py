@@ -60,8 +60,10 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.tiny, self.budget_s, self.out = args.tiny, args.budget_s, args.out
+        self.file = "generation_cfg_parallel.json" if args.cfg_parallel else "generation.json"
         self.cuda = torch.cuda.is_available() and not args.tiny
         self.results: dict = {"device": torch.cuda.get_device_name() if self.cuda else "cpu",
+                              "gpus": torch.cuda.device_count() if self.cuda else 0,
                               "torch": torch.__version__, "tiny": self.tiny, "cases": {}}
         self.steps = 3 if self.tiny else 30
         self.image_side = 64 if self.tiny else 768
@@ -90,9 +92,9 @@ class Bench:
         print(f"[{name}] {json.dumps(result)}", flush=True)
         self.save()
 
-    def save(self, name: str = "generation.json") -> None:
+    def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / name).write_text(json.dumps(self.results, indent=2))
+        (self.out / self.file).write_text(json.dumps(self.results, indent=2))
 
     def pipe(self, family: str):
         if family not in self.pipes:
@@ -467,9 +469,8 @@ def main() -> None:
     for name, fn in cases.items():
         if name in only:
             bench.case(name, lambda f=fn: f(bench))
-    name = "generation_cfg_parallel.json" if args.cfg_parallel else "generation.json"
     bench.results["total_s"] = round(time.perf_counter() - START, 1)
-    bench.save(name)
+    bench.save()
     print(summary(bench.results), flush=True)
 
 
