@@ -72,6 +72,17 @@ class StepCache:
         return skip
 
 
+_side_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
+    """One extra CUDA stream per device and purpose, reused (memory a stream's work frees is cached for
+    that stream: a new stream per batch would strand it)."""
+    if (device, purpose) not in _side_streams:
+        _side_streams[device, purpose] = torch.cuda.Stream(device)
+    return _side_streams[device, purpose]
+
+
 class _Graph:
     """`fn(x)` recorded as a CUDA graph on x's device: copy the input in, replay, copy the output out."""
 
@@ -166,7 +177,7 @@ class Lane:
         if self._uses[active] == 1:  # eager warm-up: compiles the fused kernels, plans attention
             return self._forward(x, active)
         # Second use: run it on a side stream (the capture recipe's warm-up), then capture it.
-        side = torch.cuda.Stream(self.device)
+        side = side_stream(self.device, "capture warm-up")
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             v = self._forward(x, active)

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from . import preprocess
-from .branches import BRANCHES, Lane, replicate
+from .branches import BRANCHES, Lane, replicate, side_stream
 from .fp8 import fp8_available
 from .latent import LatentAdapter, latent_position_index
 from .memory import GenerationFootprint, GenerationShape, free_gpu_bytes, largest_batch
@@ -440,7 +440,7 @@ class _Decoding:
                  return_latents: bool, chunk: int) -> None:
         self.rows, self.image_out, self.return_latents = rows, task.output == "image", return_latents
         on_gpu = latents.is_cuda
-        self.stream = torch.cuda.Stream(latents.device) if on_gpu else None
+        self.stream = side_stream(latents.device, "decode") if on_gpu else None
         if on_gpu:
             self.stream.wait_stream(torch.cuda.current_stream(latents.device))
             latents.record_stream(self.stream)  # its memory stays reserved until the side stream is done
