@@ -453,7 +453,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random checkpoint on the CPU (checks the script)")
     parser.add_argument("--cfg-parallel", action="store_true", help="the two-GPU comparison instead")
     parser.add_argument("--only", default=None, help="comma-separated case names (default: all)")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="start no case after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start no case after this many seconds")
     args = parser.parse_args()
     bench = Bench(args)
     print(f"device: {bench.results['device']}", flush=True)
