@@ -1,6 +1,7 @@
 """Random weights at the real Lance_3B / Lance_3B_Video shapes, for GPU benchmarks without downloads.
 
-    random_model(family, device)          LanceModel in bf16 with random weights, built on the device
+    random_model(family, device)          LanceModel in bf16 with random weights, built on the device, its
+                                          projections fused as the loader leaves them
     write_checkpoint(root, family)        the official on-disk layout at real shapes (model.safetensors in
                                           float32 like the published file, vit.safetensors in bf16, the
                                           full-size Wan2.2 VAE, tokenizer files), for load-time benchmarks
@@ -42,12 +43,15 @@ def _fill_random(model: torch.nn.Module, seed: int) -> None:
 
 
 def random_model(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                 shapes: tuple[LLMConfig, ViTConfig] | None = None) -> LanceModel:
+                 shapes: tuple[LLMConfig, ViTConfig] | None = None, fused: bool = True) -> LanceModel:
+    """`fused=False` keeps the checkpoint's layout (separate q/k/v, gate/up), for writing checkpoints."""
     llm, vit = shapes or configs()
     with torch.device("meta"):
         model = LanceModel(llm, vit)
     model = model.to_empty(device=device).to(dtype)
     _fill_random(model, seed)
+    if fused:
+        model.llm.fuse_projections()
     return model.eval().requires_grad_(False)
 
 
@@ -58,7 +62,7 @@ def write_checkpoint(root: Path, family: str = "image", seed: int = 0, with_vae:
     `weights_dtype`: float32 like the published model file (load-time benchmarks), or bfloat16 (half the
     bytes to write and read when only the speed of inference is measured)."""
     llm, vit = shapes or configs()
-    model = random_model("cuda" if torch.cuda.is_available() else "cpu", torch.float32, seed, (llm, vit))
+    model = random_model("cuda" if torch.cuda.is_available() else "cpu", torch.float32, seed, (llm, vit), fused=False)
     params = dict(model.named_parameters())
     model_dir = root / FAMILY_DIR[family]
     vit_dir = root / "Qwen2.5-VL-ViT"

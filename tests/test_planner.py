@@ -80,3 +80,18 @@ def test_format_plan_mentions_every_step_and_group(tmp_path: Path) -> None:
     text = format_plan(make_plan(_job(tmp_path), cluster_gpus=2, row_counts={"gen": 2, "cap": 1, "vid": 1}))
     for name in ("gen", "cap", "vid", "edit", "cap2", "group image", "group video", "estimated GPU time"):
         assert name in text
+
+
+def test_cfg_parallel_steps_get_two_gpus_per_actor(tmp_path: Path) -> None:
+    text = """
+name: fast
+steps:
+  - {name: vid, task: t2v, input: {rows: [{prompt: a}, {prompt: b}]}, params: {cfg_parallel: true},
+     resources: {gpus: 4}}
+  - {name: img, task: t2i, input: {rows: [{prompt: a}, {prompt: b}, {prompt: c}]}, params: {cfg_parallel: true}}
+"""
+    plan = make_plan(load_job_text(text, "fast.yaml", tmp_path), cluster_gpus=6, row_counts={"vid": 8, "img": 60})
+    groups = {g.family: g for g in plan.groups}
+    assert (groups["video"].actors, groups["video"].gpus_per_actor) == (2, 2)  # 4 GPUs asked: 2 actors
+    assert (groups["image"].actors, groups["image"].gpus_per_actor) == (1, 2)  # the 2 GPUs left
+    assert runs_side_by_side(plan.waves[0], 6)

@@ -324,7 +324,8 @@ def test_params_for_applies_reference_defaults_per_task() -> None:
     )
     job = load(f"name: j\nsteps:\n{tasks_yaml}\n")
     got = {s.task: s.params_for(job).model_dump(exclude_none=True) for s in job.steps}
-    denoise = {"steps": 30, "shift": 3.5, "cfg_scale": 4.0, "cfg_interval": [0.4, 1.0], "cfg_renorm_min": 0.0}
+    denoise = {"steps": 30, "shift": 3.5, "cfg_scale": 4.0, "cfg_interval": [0.4, 1.0], "cfg_renorm_min": 0.0,
+               "fp8": False, "step_cache": 0.0, "cfg_parallel": False}  # speed modes: off
     seeding = {"seed": 42, "seed_mode": "per_row"}
     decode = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0}
     assert got["t2i"] == {**denoise, **seeding, "preset": "image_768res", "height": 768, "width": 768}

@@ -103,8 +103,10 @@ def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None]
         for family, planned in by_family.items():
             requested = max((p.step.resources.gpus for p in planned if p.step.resources and p.step.resources.gpus),
                             default=None)
-            wave.groups.append(Group(family, planned, actors=requested or 0,
-                                     gpus_per_actor=1 if cluster_gpus else 0))
+            # cfg_parallel runs a step's unconditional CFG branch on a second GPU of the same actor
+            per_actor = (2 if any(p.params.cfg_parallel for p in planned) else 1) if cluster_gpus else 0
+            wave.groups.append(Group(family, planned, actors=max(requested // max(per_actor, 1), 1) if requested else 0,
+                                     gpus_per_actor=per_actor))
         _assign_actors(wave, cluster_gpus)
         for group in wave.groups:
             group.actors = min(group.actors, _useful_actors(group))
@@ -118,11 +120,11 @@ def _assign_actors(wave: Wave, cluster_gpus: int) -> None:
         for group in unassigned:
             group.actors = 1  # CPU-only: one model copy per group is all a CPU box can afford
         return
-    asked = sum(g.actors for g in wave.groups if g.actors)
+    asked = sum(g.actors * g.gpus_per_actor for g in wave.groups if g.actors)
     spare = max(cluster_gpus - asked, 0)
     for index, group in enumerate(unassigned):
         share = spare // len(unassigned) + (1 if index < spare % len(unassigned) else 0)
-        group.actors = max(share, 1)
+        group.actors = max(share // group.gpus_per_actor, 1)
 
 
 def _useful_actors(group: Group) -> int:

@@ -16,6 +16,10 @@ target shape at once:
   Euler update of the denoised rows only.  For i2v the query holds latent frame 0 (the clean first-frame
   latent, σ = 0 forever) and CFG/renorm see those rows too, as in the official code; they are never
   updated.
+The caches and the per-step forward live in `Lane`s (branches.py): one lane for both branches on the exact
+path; opt-in speed modes (`SpeedSettings`): `fp8` (the gen expert's matmuls in FP8), `step_cache` (skip a
+step's deep layers when its first layer's output barely changed, per branch) and `cfg_parallel` (the
+unconditional branch on its own lane on a second GPU).
 
 Conditions are given already encoded (`GenerationInput`): edits bring the source's ViT tokens and its
 (sampled) VAE latent, which enter the prefix with σ = 0; i2v brings the first frame's latent.  Each sample's
@@ -23,8 +27,9 @@ initial noise comes from its own seed (sampler.initial_noise: all latent rows dr
 the tail), so a sample's result does not depend on its batch neighbours.
 
 From media to media (what `LancePipeline`'s generation methods call): `MediaRow` per input row, then
-`generate_media` groups rows by target shape, and per batch of at most `max_batch_size` rows encodes the
-conditions, denoises and decodes.  Conditions:
+`generate_media` groups rows by target shape, and per batch of at most `max_batch_size` rows (and on a GPU
+at most what memory.py says fits) encodes the conditions, denoises and decodes -- the decode on a side
+CUDA stream, beside the next batch's denoising.  Conditions:
 * edits: the source through the ViT stream (preset buckets, one ViT call per batch) and through the VAE
   stream, encoded and *sampled* from the posterior ``mu + exp(log_var / 2)·ε``;
 * i2v: the image through the VAE stream, sampled likewise; it becomes latent frame 0 of the target (the
@@ -39,7 +44,10 @@ reproduced; the parity tests inject the recorded latent.)
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import groupby
 from typing import TYPE_CHECKING
@@ -48,18 +56,22 @@ import numpy as np
 import torch
 
 from . import preprocess
-from .latent import latent_position_index
+from .branches import BRANCHES, Lane, replicate, side_stream
+from .fp8 import fp8_available
+from .latent import LatentAdapter, latent_position_index
+from .memory import GenerationFootprint, GenerationShape, free_gpu_bytes, largest_batch
 from .model import LanceModel
-from .sampler import Schedule, apply_cfg, euler_step, initial_noise
+from .sampler import Schedule, apply_cfg, cfg_steps, euler_step, initial_noise
 from .sequence import GenerationLayout, Grid, build_generation
-from .settings import SamplerSettings
+from .settings import SamplerSettings, SpeedSettings
 from .tasks import TaskSpec, get_task
 from .tokenizer import LanceTokenizer
-from .transformer import KVCache, Routing, Split
+from .transformer import LanguageModel, Split
 
 if TYPE_CHECKING:
     from .vae import WanVAE
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,11 +155,16 @@ def denoise(
     inputs: list[GenerationInput],
     settings: SamplerSettings,
     *,
+    speed: SpeedSettings | None = None,
+    uncond_device: torch.device | str | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
     """Denoise B samples of one task and one target shape -> target latents [B, t, h, w, 48].
 
     The latents are in the model's dtype (the official code keeps x_t in it), ready for the VAE decoder.
+    `speed` turns on opt-in speed modes (None: the exact path): `fp8` and `step_cache` here; for
+    `cfg_parallel` the caller passes `uncond_device`, where the unconditional branch then runs (on a
+    replica of the language model; the same device as the model is allowed, for tests).
     """
     task = get_task(task) if isinstance(task, str) else task
     llm = model.llm
@@ -181,44 +198,38 @@ def denoise(
     if n_clean:
         clean = torch.stack([inp.cond_latent.reshape(-1, 48) for inp in inputs]).to(device=device, dtype=dtype)
 
-    # ---- prefill: cond rows 0..B-1, uncond rows B..2B-1 --------------------------------------------------
+    # ---- prefill: each branch's rows into the cache of the lane that runs it -------------------------------
+    lanes = _lanes(model, B, use_cfg, speed, uncond_device)
     embeds = [_prefix_embeddings(model, lay, inp) for lay, inp in zip(layouts, inputs, strict=True)]
-    cache_rows = 2 * B if use_cfg else B
-    branches = [(lay.prefix_splits, emb, lay) for lay, emb in zip(layouts, embeds, strict=True)]
-    if use_cfg:
-        branches += [
-            ([lay.splits[i] for i in lay.prefix_splits_uncond], emb, lay)
-            for lay, emb in zip(layouts, embeds, strict=True)
-        ]
-    xs, pos, gen, rows = [], [], [], []
-    for splits, emb, lay in branches:
-        for s in splits:
-            xs.append(emb[s.start : s.end])
-            pos.append(lay.position_ids[:, s.start : s.end])  # uncond prefix too: the official quirk
-            gen.append(lay.gen_mask[s.start : s.end])
-        rows.append([Split(s.length, s.causal) for s in splits])
-    capacity = max(sum(s.length for s in r) for r in rows)
-    cache = KVCache(llm.cfg, cache_rows, capacity, device, dtype)
-    llm(torch.cat(xs), torch.cat(pos, dim=1).to(device), rows, cache=cache, gen_mask=torch.cat(gen).to(device))
-    del xs, gen
+    prefix_splits = {"cond": [lay.prefix_splits for lay in layouts],
+                     "uncond": [[lay.splits[i] for i in lay.prefix_splits_uncond] for lay in layouts]}
+    prefixes = {
+        branch: [(torch.cat([emb[s.start : s.end] for s in splits]),
+                  # the uncond prefix keeps the conditional position ids: the official quirk
+                  torch.cat([lay.position_ids[:, s.start : s.end] for s in splits], dim=1),
+                  torch.cat([lay.gen_mask[s.start : s.end] for s in splits]),
+                  [Split(s.length, s.causal) for s in splits])
+                 for splits, emb, lay in zip(prefix_splits[branch], embeds, layouts, strict=True)]
+        for branch in ("cond", "uncond") if branch == "cond" or use_cfg
+    }
+    for lane in lanes:
+        lane.prefill(prefixes)
+    del prefixes
 
     # ---- the per-step query: [<|vision_start|>, N_target latents, <|vision_end|>] per row -----------------
     targets = [lay.target_split for lay in layouts]  # same length, different starts (prompt lengths differ)
     Lq = targets[0].length
     start_end = torch.stack([emb[[s.start, s.end - 1]] for emb, s in zip(embeds, targets, strict=True)])  # [B, 2, H]
     del embeds
-    cond_pos = torch.cat([lay.position_ids[:, s.start : s.end] for lay, s in zip(layouts, targets, strict=True)], dim=1)
-    query_pos = {False: cond_pos.to(device)}
-    query_rows = {False: [[Split(Lq, False)]] * B + [[]] * (cache_rows - B)}
+    positions = {"cond": torch.cat([lay.position_ids[:, s.start : s.end] for lay, s in zip(layouts, targets, strict=True)],
+                                   dim=1)}
     if use_cfg:
-        uncond_pos = torch.cat([lay.uncond_target_position_ids for lay in layouts], dim=1)
-        query_pos[True] = torch.cat([cond_pos, uncond_pos], dim=1).to(device)
-        query_rows[True] = [[Split(Lq, False)]] * (2 * B)
-    gen_row = torch.ones(Lq, dtype=torch.bool, device=device)  # start/end tokens use the und expert
+        positions["uncond"] = torch.cat([lay.uncond_target_position_ids for lay in layouts], dim=1)
+    gen_row = torch.ones(Lq, dtype=torch.bool)  # start/end tokens use the und expert
     gen_row[0] = gen_row[-1] = False
-    # The expert split of the query is the same every step: build it once (building it syncs with the host).
-    query_routing = {False: Routing(gen_row.repeat(B)), True: Routing(gen_row.repeat(2 * B))}
-    pos_index = latent_position_index(t, h, w).to(device).repeat(B)  # [B * N_target]
+    for lane in lanes:
+        lane.set_query_layout(Lq, positions, gen_row)
+    pos_emb = model.latent.position_embedding(latent_position_index(t, h, w).to(device)).repeat(B, 1)  # [B*N, H]
     sigma_rows = torch.zeros(n_target, device=device)
 
     for i in range(schedule.steps):
@@ -226,31 +237,59 @@ def denoise(
         sigma = schedule.sigmas[i]
         sigma_rows[n_clean:] = sigma  # device-side copy: no host sync
         latents = x if clean is None else torch.cat([clean, x], dim=1)  # [B, N_target, 48]
-        lat_emb = model.latent.embed(latents.reshape(-1, 48), sigma_rows.repeat(B), pos_index)
+        lat_emb = model.latent.embed_at(latents.reshape(-1, 48), sigma_rows.repeat(B), pos_emb)
         query = torch.cat([start_end[:, :1], lat_emb.view(B, n_target, -1), start_end[:, 1:]], dim=1)
-        n_query_rows = 2 * B if cfg else B
-        q = query.repeat(2, 1, 1) if cfg else query  # [n_query_rows, Lq, H]
-        hidden = llm(
-            q.reshape(n_query_rows * Lq, -1),
-            query_pos[cfg],
-            query_rows[cfg],
-            cache=cache,
-            routing=query_routing[cfg],
-            update_cache=False,
-        )
-        v_all = model.latent.velocity(hidden.view(n_query_rows, Lq, -1)[:, 1:-1])  # [rows, N_target, 48]
-        del hidden
-        v_cond = v_all[:B]
-        v_uncond = v_all[B:] if cfg else None
+        active = BRANCHES if cfg else ("cond",)
+        v_branch = {}
+        for lane in lanes:  # launched one after the other; lanes on different GPUs run at the same time
+            v_branch.update(lane.velocities(query, active))
+        v_cond = v_branch["cond"]
+        v_uncond = v_branch["uncond"].to(device) if cfg else None
         v = apply_cfg(v_cond, v_uncond, settings.cfg_scale, settings.cfg_renorm_min) if cfg else v_cond
         if on_step is not None:
             on_step(StepInfo(i, sigma, query, x, v_cond, v_uncond, v))
         x = euler_step(x, v[:, n_clean:], schedule.step_sizes[i])
-        del v_all, v_cond, v_uncond, v, query, q, lat_emb, latents
-    del cache
+        del v_branch, v_cond, v_uncond, v, query, lat_emb, latents
+    for lane in lanes:
+        if lane.step_cache is not None:
+            log.info("step cache: deep layers skipped on %s of %d steps", lane.skipped_steps(), schedule.steps)
+    del lanes
 
     final = x if clean is None else torch.cat([clean, x], dim=1)
     return final.view(B, t, h, w, 48)
+
+
+def _lanes(model: LanceModel, batch: int, use_cfg: bool, speed: SpeedSettings | None,
+           uncond_device: torch.device | str | None) -> list[Lane]:
+    """One lane for both branches, or (CFG-parallel) the unconditional branch on its own lane."""
+    device = model.llm.embed.weight.device
+    gen_fp8 = bool(speed and speed.fp8) and _fp8_on(device)
+    options = {"gen_fp8": gen_fp8, "step_cache": speed.step_cache if speed else 0.0}
+    if uncond_device is None or not use_cfg:
+        return [Lane(model.llm, model.latent, BRANCHES if use_cfg else ("cond",), batch, **options)]
+    llm, latent = _replica(model, torch.device(uncond_device))
+    return [Lane(model.llm, model.latent, ("cond",), batch, **options),
+            Lane(llm, latent, ("uncond",), batch, **options)]
+
+
+_replicas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _replica(model: LanceModel, device: torch.device) -> tuple[LanguageModel, LatentAdapter]:
+    """The language model and latent adapter on `device` (made once per model and device)."""
+    if device == model.llm.embed.weight.device:
+        return model.llm, model.latent
+    per_device = _replicas.setdefault(model, {})
+    if device not in per_device:
+        per_device[device] = (replicate(model.llm, device), replicate(model.latent, device))
+    return per_device[device]
+
+
+def _fp8_on(device: torch.device) -> bool:
+    if fp8_available(device):
+        return True
+    log.warning("fp8 asked for, but FP8 matmuls are not available on %s: running the exact bf16 path", device)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,33 +391,98 @@ def generate_media(
     preset: str,
     max_batch_size: int | None = None,
     return_latents: bool = False,
+    speed: SpeedSettings | None = None,
 ) -> list[np.ndarray] | list[torch.Tensor]:
-    """Run `task` for every row; rows of one target shape share batches of at most `max_batch_size`.
+    """Run `task` for every row; rows of one target shape share batches.
 
     Returns, in row order, uint8 images (H, W, 3) for t2i/image_edit and videos (T, H, W, 3) otherwise,
     or with `return_latents` the float32 CPU target latents [t, h, w, 48].  `preset` sizes the conditioning
-    media (edits, i2v).  `vae` may be None only for t2i/t2v with `return_latents`.
+    media (edits, i2v).  `vae` may be None only for t2i/t2v with `return_latents`.  `speed`: opt-in speed
+    modes (None: the exact path).
+
+    A batch is at most `max_batch_size` rows (default: all rows of the shape) and, on a GPU, at most what
+    fits its free memory (memory.py); a batch's VAE decode runs in chunks of images that fit beside the next
+    batch's denoising, on a second CUDA stream so that the two overlap (on the CPU one after the other).
     """
     task = get_task(task) if isinstance(task, str) else task
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    image_out = task.output == "image"
+    device = model.llm.embed.weight.device
+    uncond_device = _second_gpu(device) if speed is not None and speed.cfg_parallel else None
     results: list = [None] * len(rows)
+    decoding: _Decoding | None = None
     by_shape = sorted(range(len(rows)), key=lambda i: rows[i].target)
-    for _, group in groupby(by_shape, key=lambda i: rows[i].target):
+    for target, group in groupby(by_shape, key=lambda i: rows[i].target):
         group = list(group)
-        size = max_batch_size or len(group)
+        footprint = _footprint(model, vae, task, target, settings)
+        budget = free_gpu_bytes(device)
+        size = largest_batch(footprint, budget, max_batch_size or len(group))
         for start in range(0, len(group), size):
             batch = group[start : start + size]
             inputs = _batch_inputs(model, vae, task, [rows[i] for i in batch], preset)
-            latents = denoise(model, tokenizer, task, inputs, settings)  # [B, t, h, w, 48]
+            latents = denoise(model, tokenizer, task, inputs, settings, speed=speed, uncond_device=uncond_device)
             del inputs
-            if return_latents:
-                out = list(latents.float().cpu())
-            else:
-                pixels = vae.decode_uint8(latents.permute(0, 4, 1, 2, 3)).cpu().numpy()  # [B, T, H, W, 3]
-                out = [p[0] if image_out else p for p in pixels]
+            if decoding is not None:  # the previous batch's decode ran beside this batch's denoising
+                decoding.collect(results)
+            decoding = _Decoding(vae, task, latents, batch, return_latents,
+                                 footprint.decode_chunk(len(batch), free_gpu_bytes(device)))
             del latents
-            for i, o in zip(batch, out, strict=True):
-                results[i] = o
+    if decoding is not None:
+        decoding.collect(results)
     return results
+
+
+class _Decoding:
+    """One batch's VAE decode (or latents copy) to the host, started at once -- on a side CUDA stream when the
+    batch is on a GPU, so that the caller can start the next batch's denoising meanwhile."""
+
+    def __init__(self, vae: WanVAE | None, task: TaskSpec, latents: torch.Tensor, rows: list[int],
+                 return_latents: bool, chunk: int) -> None:
+        self.rows, self.image_out, self.return_latents = rows, task.output == "image", return_latents
+        on_gpu = latents.is_cuda
+        self.stream = side_stream(latents.device, "decode") if on_gpu else None
+        if on_gpu:
+            self.stream.wait_stream(torch.cuda.current_stream(latents.device))
+            latents.record_stream(self.stream)  # its memory stays reserved until the side stream is done
+        with torch.inference_mode(), torch.cuda.stream(self.stream) if on_gpu else nullcontext():
+            if return_latents:
+                out = latents.float()
+            else:
+                z = latents.permute(0, 4, 1, 2, 3)  # [B, 48, t, h, w]
+                out = torch.cat([vae.decode_uint8(z[i : i + chunk]) for i in range(0, len(rows), chunk)])
+            self.out = out.to("cpu", non_blocking=on_gpu)  # [B, t, h, w, 48] or uint8 [B, T, H, W, 3]
+            self.done = torch.cuda.Event() if on_gpu else None
+            if on_gpu:
+                self.done.record(self.stream)
+
+    def collect(self, results: list) -> None:
+        """Wait for the decode and put each row's result in `results`."""
+        if self.done is not None:
+            self.done.synchronize()
+        for i, out in zip(self.rows, self.out, strict=True):
+            if self.return_latents:
+                results[i] = out
+            else:
+                results[i] = out[0].numpy() if self.image_out else out.numpy()
+
+
+def _footprint(model: LanceModel, vae: WanVAE | None, task: TaskSpec, target: Grid,
+               settings: SamplerSettings) -> GenerationFootprint:
+    t, h, w = target
+    pixels = 16 * h * 16 * w
+    frames = 4 * (t - 1) + 1
+    conditions = t * h * w + max(1, frames // 2) * pixels // 28**2 if task.conditioning == "source" else 0
+    shape = GenerationShape(target_tokens=t * h * w, condition_tokens=conditions, pixels_per_frame=pixels,
+                            cfg=any(cfg_steps(settings)))
+    dec_dim = vae.config.dec_dim if vae is not None else 0  # no VAE: latents only, nothing decoded
+    return GenerationFootprint.of(model.llm_cfg, dec_dim, model.llm.embed.weight.element_size(), shape)
+
+
+def _second_gpu(device: torch.device) -> torch.device | None:
+    """Where CFG-parallel puts the unconditional branch: the next GPU this process sees."""
+    if device.type == "cuda" and torch.cuda.device_count() >= 2:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.device("cuda", (index + 1) % torch.cuda.device_count())
+    log.warning("cfg_parallel needs two GPUs in this process, found %s on %s: both branches run on %s",
+                torch.cuda.device_count() if device.type == "cuda" else 0, device.type, device)
+    return None

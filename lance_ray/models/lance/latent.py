@@ -82,9 +82,16 @@ class LatentAdapter(nn.Module):
 
     def embed(self, x: torch.Tensor, sigma: torch.Tensor, pos_index: torch.Tensor) -> torch.Tensor:
         """Input embeddings of latent tokens.  x: [N, 48], sigma: [N], pos_index: [N] -> [N, H]."""
+        return self.embed_at(x, sigma, self.position_embedding(pos_index))
+
+    def position_embedding(self, pos_index: torch.Tensor) -> torch.Tensor:
+        """The sin-cos rows of `pos_index` in the model dtype: [N, H] (the denoising loop computes them once)."""
         pos = sincos_3d(pos_index, self.cfg.hidden_size, self.cfg.max_latent_size)
-        dtype = self.vae2llm.weight.dtype
-        return self.vae2llm(x.to(dtype)) + self.time_embedder(sigma) + pos.to(dtype)
+        return pos.to(self.vae2llm.weight.dtype)
+
+    def embed_at(self, x: torch.Tensor, sigma: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """`embed` with the position rows already computed (`position_embedding`)."""
+        return self.vae2llm(x.to(self.vae2llm.weight.dtype)) + self.time_embedder(sigma) + pos
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] final-normed gen-expert states -> [N, 48]."""

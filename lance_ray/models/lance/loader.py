@@ -2,7 +2,7 @@
 
 The model is built on the `meta` device, then every parameter is read alone from the safetensors file,
 converted to the target dtype and placed on the target device -- never the whole fp32 model in RAM or on
-the GPU.  Which file key fills which parameter is state_dict.py's business; where the files are,
+the GPU.  Last, the backbone joins its q/k/v and gate/up projections (`LanguageModel.fuse_projections`).  Which file key fills which parameter is state_dict.py's business; where the files are,
 checkpoint.py's.
 """
 
@@ -82,6 +82,7 @@ def load_lance_model(files: CheckpointFiles, device: torch.device | str, dtype: 
                   if not (understanding_only and LanceModel.generation_only(n))]
         for name, tensor in _bounded_map(read, wanted):
             _assign(model, name, tensor)
+    model.llm.fuse_projections()  # q|k|v and gate|up as one matmul each, now that every part is loaded
     model.eval().requires_grad_(False)
     stats = LoadStats(
         seconds=time.perf_counter() - start,

@@ -46,6 +46,26 @@ class Params(StrictModel):
     cfg_renorm_min: float | None = Field(
         default=None, ge=0, le=1, description="Lower clamp of the global CFG renormalisation."
     )
+    fp8: bool | None = Field(
+        default=None,
+        description="Speed mode: the generation expert's matmuls in FP8 (e4m3, per-token and per-channel scales). "
+        "Needs FP8 matmuls (CUDA compute capability 8.9+); elsewhere the exact path runs, with a warning. "
+        "Difference measured on random weights; quality with the published weights not verified here.",
+    )
+    step_cache: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Speed mode (0 = off): a step reuses its deep layers' last output when the first layer's "
+        "output changed by less than this relative amount since the last full step, per CFG branch "
+        "(First-Block-Cache). Difference measured on random weights; quality with the published weights not "
+        "verified here.",
+    )
+    cfg_parallel: bool | None = Field(
+        default=None,
+        description="Speed mode: the unconditional CFG branch on a second GPU of the same actor (the step's "
+        "actors get 2 GPUs each), for latency; same result as one GPU up to rounding.",
+    )
     seed: int | None = Field(default=None, ge=0, lt=MAX_SEED, description="Base seed.")
     seed_mode: SeedMode | None = Field(
         default=None,

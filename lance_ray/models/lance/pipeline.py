@@ -163,7 +163,7 @@ class LancePipeline:
         else:
             rows = media_rows(media, prompts, settings.preset, seeds, frames=settings.frames)
         return generate_media(self.model, self.tokenizer, self.vae, task, rows, settings.sampler,
-                              preset=settings.preset, max_batch_size=max_batch_size)
+                              preset=settings.preset, max_batch_size=max_batch_size, speed=settings.speed)
 
     def _understand(self, media: list[np.ndarray], questions: list[str | None], kind: str, seeds: list[int],
                     settings: DecodeSettings) -> list[str]:

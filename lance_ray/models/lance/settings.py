@@ -22,10 +22,21 @@ class SamplerSettings:
 
 
 @dataclass(frozen=True)
+class SpeedSettings:
+    """Opt-in speed modes of generation, each off unless a job or caller asks (their differences from the exact
+    path: benchmarks/README.md)."""
+
+    fp8: bool  # the generation expert's matmuls in FP8
+    step_cache: float  # First-Block-Cache threshold; 0 = every step runs every layer
+    cfg_parallel: bool  # the unconditional CFG branch on a second GPU
+
+
+@dataclass(frozen=True)
 class GenerationSettings:
     """t2i / t2v / i2v / image_edit / video_edit."""
 
     sampler: SamplerSettings
+    speed: SpeedSettings
     preset: str  # how conditioning media are resized (edits, i2v)
     height: int | None = None  # t2i / t2v output size; other tasks follow their input's bucket
     width: int | None = None

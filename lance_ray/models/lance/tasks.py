@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from .params import Params
 from .presets import PRESETS, SIZE_MULTIPLE, Family
-from .settings import DecodeSettings, GenerationSettings, SamplerSettings
+from .settings import DecodeSettings, GenerationSettings, SamplerSettings, SpeedSettings
 
 MediaKind = Literal["image", "video"]
 OutputKind = Literal["text", "image", "video"]
@@ -35,7 +35,9 @@ PROMPT_COLUMNS = ("prompt", "instruction", "question")
 
 # Defaults of the official inference script (`inference_lance.sh` and its config dataclasses).
 _SEEDING = {"seed": 42, "seed_mode": "per_row"}
-_DENOISING = {"steps": 30, "shift": 3.5, "cfg_scale": 4.0, "cfg_interval": [0.4, 1.0], "cfg_renorm_min": 0.0}
+_DENOISING = {"steps": 30, "shift": 3.5, "cfg_scale": 4.0, "cfg_interval": [0.4, 1.0], "cfg_renorm_min": 0.0,
+              # lance-ray's opt-in speed modes: off, i.e. the exact path, unless asked for
+              "fp8": False, "step_cache": 0.0, "cfg_parallel": False}
 _DECODING = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "system_prompt": None}
 # The official NUM_FRAMES is 50: 13 latent frames, which decode to 49 frames. We name the 49 the
 # output has (50 and 49 give the same video).
@@ -145,7 +147,8 @@ class TaskSpec:
             cfg_interval=(params.cfg_interval[0], params.cfg_interval[1]),
             cfg_renorm_min=params.cfg_renorm_min,
         )
-        return GenerationSettings(sampler, params.preset, params.height, params.width, params.frames)
+        speed = SpeedSettings(fp8=params.fp8, step_cache=params.step_cache, cfg_parallel=params.cfg_parallel)
+        return GenerationSettings(sampler, speed, params.preset, params.height, params.width, params.frames)
 
 
 def _task(name: str, family: Family, input_media: MediaKind | None, output: OutputKind, *,

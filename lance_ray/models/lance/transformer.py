@@ -15,13 +15,22 @@ row in this call, and to itself (causally, bottom-right aligned, or fully).  Row
 
     h = lm(x, pos, rows, cache=cache, gen_mask=gen_mask, update_cache=True)   # [N, H], final-normed
 
-Pass `routing=Routing(gen_mask)` instead of `gen_mask` to reuse the expert split across many calls.
+Pass `routing=Routing(gen_mask)` instead of `gen_mask` to reuse the expert split across many calls, or
+`plan=lm.plan(pos, rows, ...)` to reuse the whole layout (`ForwardPlan`: rotary tables, routing,
+attention batches) -- the denoising query has the same layout at every step.  `run_layers` and
+`final_norm` run parts of a forward (the step cache runs the first layer alone).
 
 `KVCache(cfg, batch, capacity, device, dtype)` holds per-layer keys/values `[B, nkv, capacity, hd]`
 and the per-row lengths; row b of the cache is row b of `rows`.  With `update_cache=False` the call
 reads the cache without extending it (the denoising query of generation).  Calls where every row has
 exactly one token take a batched path (one masked SDPA over the padded cache); everything else runs
-one SDPA per split (flash / memory-efficient kernels on GPU, never a dense [N, N] mask).
+one SDPA per split for each group of rows with the same layout and cached length (flash / cuDNN /
+memory-efficient kernels on GPU, never a dense [N, N] mask); a bidirectional query over the cache batches
+rows of different cached lengths too, padding their keys and masking the padding (`group_rows`).
+
+The experts are built in the checkpoint's layout and fused once after loading (`fuse_projections`: one
+q|k|v and one gate|up matmul each).  Routing avoids gathers where one expert has nearly all tokens
+(`Routing`), and the gen expert's matmuls can run in FP8 (`ForwardPlan.gen_fp8`, fp8.py).
 
 `LanguageModel` (this backbone + embed + lm_head) is the `llm` part of `LanceModel` (model.py).
 
@@ -43,7 +52,18 @@ from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import LLMConfig
-from .layers import LONG_QUERY, LONG_QUERY_BACKENDS, SDPA_BACKENDS, RMSNorm, fused_on_gpu, rotate_half
+from .fp8 import Fp8Weight, fp8_linear, quantize_weight
+from .layers import (
+    LONG_QUERY,
+    LONG_QUERY_BACKENDS,
+    PADDED_KEY_BACKENDS,
+    SDPA_BACKENDS,
+    RMSNorm,
+    fused_on_gpu,
+    qk_norm,
+    rotate_half,
+    silu_mul,
+)
 
 
 @dataclass(frozen=True)
@@ -52,12 +72,25 @@ class Split:
     causal: bool
 
 
+# Tokens per MLP call: the MLP's intermediate activations ([tokens, 3 * intermediate]) are the largest
+# tensors of a forward; past this many tokens (t2v, big batches) the MLP runs chunk by chunk, which
+# bounds them at ~0.6 GB (bf16, Lance-3B) while each matmul still has thousands of rows.
+MLP_CHUNK_TOKENS = 8192
+
+
 class Expert(nn.Module):
-    """All weights of one expert ("und" or "gen") in one layer."""
+    """All weights of one expert ("und" or "gen") in one layer.
+
+    Built in the checkpoint's layout (q/k/v and gate/up projections apart: the loader fills them by name);
+    `fuse_projections()`, called once after loading, joins q|k|v into `qkv_proj` and gate|up into
+    `gate_up_proj` so that each runs as one matmul.  `fp8_weights()` holds the float8 copies of the four
+    matmul weights that the opt-in `fp8` mode uses (made on first use).
+    """
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
         H, hd = cfg.hidden_size, cfg.head_dim
+        self.n_q, self.n_kv, self.head_dim, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, hd, cfg.rms_norm_eps
         self.attn_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.q_proj = nn.Linear(H, cfg.num_attention_heads * hd)
         self.k_proj = nn.Linear(H, cfg.num_key_value_heads * hd)
@@ -69,36 +102,99 @@ class Expert(nn.Module):
         self.gate_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
+        self._fp8: dict[str, Fp8Weight] | None = None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """q|k|v -> `qkv_proj`, gate|up -> `gate_up_proj` (the separate modules are dropped), and the q/k
+        norm weights laid out per head for `qk_norm`."""
+        self.qkv_proj = _joined(self.q_proj, self.k_proj, self.v_proj)
+        self.gate_up_proj = _joined(self.gate_proj, self.up_proj)
+        del self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.up_proj
+        hd = self.head_dim
+        weight = torch.cat([self.q_norm.weight.expand(self.n_q, hd), self.k_norm.weight.expand(self.n_kv, hd)])
+        self.register_buffer("qk_norm_weight", weight, persistent=False)
+
+    def fp8_weights(self) -> dict[str, Fp8Weight]:
+        if self._fp8 is None:
+            self._fp8 = {name: quantize_weight(layer.weight, layer.bias) for name, layer in (
+                ("qkv_proj", self.qkv_proj), ("o_proj", self.o_proj), ("gate_up_proj", self.gate_up_proj),
+                ("down_proj", self.down_proj))}
+        return self._fp8
+
+    def linear(self, name: str, x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+        return fp8_linear(x, self.fp8_weights()[name]) if fp8 else getattr(self, name)(x)
+
+    def qkv_heads(self, x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+        """x [n, H] (already attn-normed) -> [n, nh + 2·nkv, hd]: q | k | v heads, q and k RMS-normed per head."""
+        qkv = self.linear("qkv_proj", x, fp8).unflatten(-1, (-1, self.head_dim))
+        return qk_norm(qkv, self.qk_norm_weight, self.eps)
 
     def qkv(self, x: torch.Tensor, hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: [n, H] (already attn-normed) -> q [n, nh, hd], k/v [n, nkv, hd]; QK-norm per head
-        q = self.q_norm(self.q_proj(x).unflatten(-1, (-1, hd)))
-        k = self.k_norm(self.k_proj(x).unflatten(-1, (-1, hd)))
-        return q, k, self.v_proj(x).unflatten(-1, (-1, hd))
+        """(q [n, nh, hd], k [n, nkv, hd], v [n, nkv, hd]): views of `qkv_heads`."""
+        return self.qkv_heads(x).split([self.n_q, self.n_kv, self.n_kv], dim=1)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def mlp(self, x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+        """SwiGLU MLP of x [n, H], in chunks of `MLP_CHUNK_TOKENS` tokens."""
+        if x.shape[0] <= MLP_CHUNK_TOKENS:
+            return self.linear("down_proj", silu_mul(self.linear("gate_up_proj", x, fp8)), fp8)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], MLP_CHUNK_TOKENS):
+            out[start : start + MLP_CHUNK_TOKENS] = self.mlp(x[start : start + MLP_CHUNK_TOKENS], fp8)
+        return out
+
+
+def _joined(*layers: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the outputs of `layers` side by side."""
+    weight = torch.cat([layer.weight for layer in layers])
+    joined = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None, device="meta")
+    joined.weight = nn.Parameter(weight, requires_grad=False)
+    if joined.bias is not None:
+        joined.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]), requires_grad=False)
+    return joined
 
 
 class Routing:
-    """Which packed tokens go to which expert; applies a per-expert function and reassembles."""
+    """Which packed tokens go to which expert, and how `apply` runs the two experts over them.
+
+    * every token with one expert: that expert on `x` as it is;
+    * a few tokens of one expert among many of the other (the denoising query: 2 und tokens per row of
+      thousands of latents): the majority expert runs on ALL tokens -- no gather of its input, no scatter
+      of its output -- and the minority's outputs overwrite their rows.  The wasted rows cost at most
+      `MAJORITY_ROUTING_SHARE` more matmul work, less than moving every activation through index copies;
+    * otherwise (the prefill of edits: text, ViT and latent spans) each expert gets its tokens gathered
+      and its outputs scattered back.
+    Building it reads the mask on the host (a sync on GPU): build it once per layout.
+    """
+
+    MAJORITY_ROUTING_SHARE = 1 / 32
 
     def __init__(self, gen_mask: torch.Tensor | None) -> None:
-        self.all_und = gen_mask is None or not bool(gen_mask.any())
-        self.all_gen = gen_mask is not None and bool(gen_mask.all())
-        if not (self.all_und or self.all_gen):
-            self.und_idx = (~gen_mask).nonzero().squeeze(1)
-            self.gen_idx = gen_mask.nonzero().squeeze(1)
+        n = 0 if gen_mask is None else gen_mask.numel()
+        n_gen = 0 if gen_mask is None else int(gen_mask.sum())
+        self.majority: str | None = "gen" if n and n_gen * 2 > n else "und"
+        self.minority_index: torch.Tensor | None = None
+        n_minority = min(n_gen, n - n_gen)
+        if n_minority == 0:
+            return
+        if n_minority <= n * self.MAJORITY_ROUTING_SHARE:
+            self.minority_index = (gen_mask if self.majority == "und" else ~gen_mask).nonzero().squeeze(1)
+            return
+        self.majority = None
+        self.und_index = (~gen_mask).nonzero().squeeze(1)
+        self.gen_index = gen_mask.nonzero().squeeze(1)
 
     def apply(self, und, gen, x: torch.Tensor) -> torch.Tensor:
-        if self.all_und:
-            return und(x)
-        if self.all_gen:
-            return gen(x)
-        out_u, out_g = und(x[self.und_idx]), gen(x[self.gen_idx])
+        if self.majority is not None:
+            major, minor = (und, gen) if self.majority == "und" else (gen, und)
+            out = major(x)
+            if self.minority_index is not None:
+                out[self.minority_index] = minor(x[self.minority_index])
+            return out
+        out_u, out_g = und(x[self.und_index]), gen(x[self.gen_index])
         out = out_u.new_empty((x.shape[0], *out_u.shape[1:]))
-        out[self.und_idx] = out_u
-        out[self.gen_idx] = out_g
+        out[self.und_index] = out_u
+        out[self.gen_index] = out_g
         return out
 
 
@@ -174,54 +270,28 @@ class MoTBlock(nn.Module):
         self.und = Expert(cfg)
         self.gen = Expert(cfg)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        route: Routing,
-        rows: list[list[Split]],
-        groups: list[RowGroup],
-        cache: KVCache | None,
-        update_cache: bool,
-    ) -> torch.Tensor:
-        hd = self.cfg.head_dim
-        und, gen = self.und, self.gen
-
-        def qkv_of(expert: Expert):
-            return lambda t: torch.cat([*expert.qkv(expert.attn_norm(t), hd)], dim=1)
-
+    def forward(self, x: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
+        und, gen, route, fp8 = self.und, self.gen, plan.route, plan.gen_fp8
         nh, nkv = self.cfg.num_attention_heads, self.cfg.num_key_value_heads
-        qkv = route.apply(qkv_of(und), qkv_of(gen), x)  # [N, nh + 2*nkv, hd]
-        q, k, v = qkv.split([nh, nkv, nkv], dim=1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attn = self._attention(q, k, v, rows, groups, cache, update_cache)  # [N, nh*hd]
-        x = x + route.apply(und.o_proj, gen.o_proj, attn)
-        return x + route.apply(lambda t: und.mlp(und.mlp_norm(t)), lambda t: gen.mlp(gen.mlp_norm(t)), x)
+        qkv = route.apply(lambda t: und.qkv_heads(und.attn_norm(t)),
+                          lambda t: gen.qkv_heads(gen.attn_norm(t), fp8), x)  # [N, nh + 2*nkv, hd]
+        qk = apply_rotary(qkv[:, : nh + nkv], plan.cos, plan.sin)  # q and k heads in one pass
+        attn = self._attention(qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :], plan)  # [N, nh*hd]
+        x = x + route.apply(und.o_proj, lambda t: gen.linear("o_proj", t, fp8), attn)
+        return x + route.apply(lambda t: und.mlp(und.mlp_norm(t)), lambda t: gen.mlp(gen.mlp_norm(t), fp8), x)
 
-    def _attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rows: list[list[Split]],
-        groups: list[RowGroup],
-        cache: KVCache | None,
-        update_cache: bool,
-    ) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
         # q: [N, nh, hd], k/v: [N, nkv, hd] packed over rows
-        if cache is not None and all(len(r) == 1 and r[0].length == 1 for r in rows):
+        cache, update_cache = plan.cache, plan.update_cache
+        if plan.decoding:
             return self._decode_attention(q, k, v, cache, update_cache)
         nh, hd = q.shape[1], q.shape[2]
-        out = torch.empty_like(q)
-        for g in groups:
-            G, n, past = len(g.rows), g.n_tokens, g.past
-            if G == 1:  # contiguous: plain views, no gather
-                tok = slice(g.first, g.first + n)
-                qg, kg, vg = q[tok][None], k[tok][None], v[tok][None]
-            else:
-                qg, kg, vg = (t[g.token_index].view(G, n, -1, hd) for t in (q, k, v))
+        out = None
+        for g in plan.groups:
+            G, n = len(g.rows), g.n_tokens
+            qg, kg, vg = (t[g.token_index].view(G, n, -1, hd) for t in (q, k, v))  # views when consecutive
             kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [G, nkv, n, hd]
+            past = max(g.pasts)  # cached keys in front of this call's (padded and masked when they differ)
             if cache is not None:
                 kc, vc = cache.k[self.layer], cache.v[self.layer]
                 if update_cache:
@@ -237,13 +307,15 @@ class MoTBlock(nn.Module):
             for split in g.splits:
                 n_keys = past + offset + split.length
                 qs = qg[:, offset : offset + split.length].transpose(1, 2)  # [G, nh, Lq, hd]
-                outs.append(_sdpa(qs, keys[:, :, :n_keys], values[:, :, :n_keys], split.causal).transpose(1, 2))
+                mask = None if g.key_mask is None else g.key_mask[..., :n_keys]
+                outs.append(_sdpa(qs, keys[:, :, :n_keys], values[:, :, :n_keys], split.causal, mask).transpose(1, 2))
                 offset += split.length
-            og = torch.cat(outs, dim=1).reshape(G * n, nh, hd)
-            if G == 1:
-                out[g.first : g.first + n] = og
-            else:
-                out[g.token_index] = og
+            og = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).reshape(G * n, nh, hd)
+            if len(plan.groups) == 1 and isinstance(g.token_index, slice) and g.token_index == slice(0, q.shape[0]):
+                return og.flatten(1)  # one group of every token in order: no copy
+            if out is None:
+                out = torch.empty_like(q)
+            out[g.token_index] = og
         return out.flatten(1)
 
     def _decode_attention(
@@ -269,13 +341,17 @@ class MoTBlock(nn.Module):
         return out.reshape(B, nh * hd)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+          key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one split for G rows.  q: [G, nh, Lq, hd], k/v: [G, nkv, Lk, hd]; causal is
-    bottom-right aligned (query i sees keys up to Lk - Lq + i)."""
+    bottom-right aligned (query i sees keys up to Lk - Lq + i); key_mask: additive [G, 1, 1, Lk] (padding)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     Lq, Lk = q.shape[2], k.shape[2]
+    if key_mask is not None:
+        with sdpa_kernel(PADDED_KEY_BACKENDS, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
     backends = LONG_QUERY_BACKENDS if not causal and Lq >= LONG_QUERY else SDPA_BACKENDS
     with sdpa_kernel(backends, set_priority=True):
         if causal and Lq > 1:
@@ -286,38 +362,106 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> to
 
 @dataclass
 class RowGroup:
-    """Rows that carry the same splits over the same cached length: their attention runs as one batch."""
+    """Rows whose attention runs as one batch: the same splits over the same cached length -- or, for a
+    query that reads the cache without extending it and attends bidirectionally (the denoising target),
+    over cached lengths that differ: the cached keys are then padded to the longest and masked."""
 
     rows: list[int]
-    first: int  # packed offset of the first row's tokens (used when the group has one row)
     n_tokens: int  # per row
-    past: int
+    pasts: tuple[int, ...]  # cached length of each row
     splits: tuple[Split, ...]
-    row_index: torch.Tensor | slice  # [G] cache rows
-    token_index: torch.Tensor | None  # [G * n_tokens] packed token positions (None for a single row)
+    row_index: torch.Tensor | slice  # [G] cache rows (a slice when consecutive)
+    token_index: torch.Tensor | slice  # [G * n_tokens] packed tokens (a slice when the rows are adjacent)
+    key_mask: torch.Tensor | None  # additive [G, 1, 1, max(pasts) + n_tokens] when the pasts differ
 
 
-def group_rows(rows: list[list[Split]], cache: KVCache | None, device: torch.device) -> list[RowGroup]:
-    """Group rows by (cached length, splits); built once per forward, shared by all layers."""
-    by_sig: dict[tuple, list[tuple[int, int]]] = {}
+# Distinct cached lengths among rows of one bidirectional query layout up to which each length keeps its
+# own attention call (exact shapes: flash/cuDNN kernels); past it, the rows alone at their length share one
+# padded, masked call (the memory-efficient kernel) -- e.g. the conditional rows of a batch of different
+# prompts, while the unconditional rows (one shared prefix) stay one unmasked call.
+MAX_UNPADDED_LENGTHS = 4
+
+
+def group_rows(rows: list[list[Split]], cache: KVCache | None, device: torch.device,
+               dtype: torch.dtype = torch.float32, pad_cached: bool = False) -> list[RowGroup]:
+    """Group rows by splits and cached length; with `pad_cached` (a query that reads the cache without
+    extending it), bidirectional rows alone at their cached length are padded into one group when there
+    are more than `MAX_UNPADDED_LENGTHS` lengths.  Built once per layout, shared by all layers."""
+    by_sig: dict[tuple, list[tuple[int, int, int]]] = {}  # (past, splits) -> [(row, packed start, past)]
     start = 0
     for b, splits in enumerate(rows):
         n = sum(s.length for s in splits)
         if n:
             past = cache.lens[b] if cache is not None else 0
-            by_sig.setdefault((past, tuple(splits)), []).append((b, start))
+            by_sig.setdefault((past, tuple(splits)), []).append((b, start, past))
         start += n
+    if pad_cached and cache is not None:
+        by_sig = _pad_lone_rows(by_sig)
     groups = []
-    for (past, splits), members in by_sig.items():
+    for (_, splits), members in by_sig.items():
         n = sum(s.length for s in splits)
-        bs = [b for b, _ in members]
-        if len(members) == 1:
-            b, first = members[0]
-            groups.append(RowGroup(bs, first, n, past, splits, slice(b, b + 1), None))
-        else:
-            token_index = torch.tensor([first + i for _, first in members for i in range(n)], device=device)
-            groups.append(RowGroup(bs, members[0][1], n, past, splits, torch.tensor(bs, device=device), token_index))
+        bs, starts, pasts = (list(t) for t in zip(*members, strict=True))
+        row_index = _as_slice(bs) or torch.tensor(bs, device=device)
+        token_index = _as_slice([st + i for st in starts for i in range(n)])
+        if token_index is None:
+            token_index = torch.tensor([st + i for st in starts for i in range(n)], device=device)
+        groups.append(RowGroup(bs, n, tuple(pasts), splits, row_index, token_index,
+                               _padding_mask(pasts, n, device, dtype)))
     return groups
+
+
+def _pad_lone_rows(by_sig: dict[tuple, list]) -> dict[tuple, list]:
+    """Merge the one-row groups of each bidirectional layout into one padded group (key past = None)."""
+    lengths: dict[tuple, int] = {}
+    for _, splits in by_sig:
+        lengths[splits] = lengths.get(splits, 0) + 1
+    merged: dict[tuple, list] = {}
+    for (past, splits), members in by_sig.items():
+        alone = len(members) == 1 and lengths[splits] > MAX_UNPADDED_LENGTHS and not any(s.causal for s in splits)
+        merged.setdefault((None, splits) if alone else (past, splits), []).extend(members)
+    for key in [k for k in merged if k[0] is None]:  # keep rows in packing order inside the padded group
+        merged[key].sort()
+    return merged
+
+
+def _as_slice(index: list[int]) -> slice | None:
+    """`index` as a slice when it is a run of consecutive integers."""
+    if index == list(range(index[0], index[0] + len(index))):
+        return slice(index[0], index[0] + len(index))
+    return None
+
+
+def _padding_mask(pasts: list[int], n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive key mask [G, 1, 1, max(pasts) + n]: row g sees its own pasts[g] cached keys and all n new ones.
+    Its rows are laid out 16-element aligned, as the memory-efficient attention kernel wants."""
+    longest = max(pasts)
+    if longest == min(pasts):
+        return None
+    width = longest + n
+    mask = torch.zeros(len(pasts), 1, 1, -(-width // 16) * 16, dtype=dtype)[..., :width]
+    for g, past in enumerate(pasts):
+        mask[g, ..., past:longest] = float("-inf")
+    return mask.to(device)
+
+
+@dataclass
+class ForwardPlan:
+    """Everything a forward needs besides the activations: built once per token layout and reused while the
+    layout and the cache lengths stay the same (the denoising query of every step)."""
+
+    rows: list[list[Split]]
+    cos: torch.Tensor  # [N, hd] rotary tables of the packed tokens
+    sin: torch.Tensor
+    route: Routing
+    groups: list[RowGroup]  # attention batches (none while decoding)
+    cache: KVCache | None
+    update_cache: bool
+    decoding: bool  # one token per row over a cache: the batched decoding path
+    gen_fp8: bool  # the gen expert's matmuls in FP8 (the `fp8` speed mode)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.length for r in self.rows for s in r)
 
 
 class LanguageModel(nn.Module):
@@ -332,6 +476,38 @@ class LanguageModel(nn.Module):
         self.norm_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    def fuse_projections(self) -> None:
+        """Join every expert's q/k/v and gate/up projections (once, after loading; forwards need it)."""
+        for layer in self.layers:
+            layer.und.fuse_projections()
+            layer.gen.fuse_projections()
+
+    def plan(
+        self,
+        pos: torch.Tensor,
+        rows: list[list[Split]],
+        *,
+        dtype: torch.dtype,
+        cache: KVCache | None = None,
+        gen_mask: torch.Tensor | None = None,
+        update_cache: bool = True,
+        routing: Routing | None = None,
+        gen_fp8: bool = False,
+    ) -> ForwardPlan:
+        """The layout of a forward (arguments as `forward`'s) -- build it once to run it many times."""
+        if not hasattr(self.layers[0].und, "qkv_proj"):
+            raise RuntimeError("call fuse_projections() once after loading the weights")
+        if cache is not None and len(rows) != cache.batch:
+            raise ValueError(f"{len(rows)} rows for a cache of {cache.batch}")
+        cos, sin = rotary_cos_sin(pos, self.cfg, dtype)
+        # Decoding steps take the batched path and need no groups (no host-to-device copy: they may run
+        # under CUDA-graph capture).
+        decoding = cache is not None and all(len(r) == 1 and r[0].length == 1 for r in rows)
+        groups = [] if decoding else group_rows(rows, cache, pos.device, dtype,
+                                                pad_cached=cache is not None and not update_cache)
+        route = routing if routing is not None else Routing(gen_mask)
+        return ForwardPlan(rows, cos, sin, route, groups, cache, update_cache, decoding, gen_fp8)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -342,23 +518,29 @@ class LanguageModel(nn.Module):
         gen_mask: torch.Tensor | None = None,
         update_cache: bool = True,
         routing: Routing | None = None,
+        plan: ForwardPlan | None = None,
     ) -> torch.Tensor:
         """x: [N, H] input embeddings, pos: [3, N] -> final-normed hidden states [N, H].
 
-        `routing` = `Routing(gen_mask)` built once by the caller for a layout used many times (the
-        denoising loop): building it looks at the mask on the host, a sync on GPU.
+        `routing` = `Routing(gen_mask)` built once by the caller for a layout used many times; `plan` = the
+        whole layout, `self.plan(pos, rows, ...)` with these same arguments (the denoising loop: its query
+        has the same layout at every step).
         """
         if sum(s.length for r in rows for s in r) != x.shape[0]:
             raise ValueError("rows do not add up to the number of packed tokens")
-        if cache is not None and len(rows) != cache.batch:
-            raise ValueError(f"{len(rows)} rows for a cache of {cache.batch}")
-        route = routing if routing is not None else Routing(gen_mask)
-        cos, sin = rotary_cos_sin(pos, self.cfg, x.dtype)
-        # (Decoding steps take the batched path and need no groups; they may run under CUDA-graph capture.)
-        decoding = cache is not None and all(len(r) == 1 and r[0].length == 1 for r in rows)
-        groups = [] if decoding else group_rows(rows, cache, x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin, route, rows, groups, cache, update_cache)
-        if cache is not None and update_cache:
-            cache.advance([sum(s.length for s in r) for r in rows])
-        return route.apply(self.norm_und, self.norm_gen, x)
+        if plan is None:
+            plan = self.plan(pos, rows, dtype=x.dtype, cache=cache, gen_mask=gen_mask, update_cache=update_cache,
+                             routing=routing)
+        x = self.run_layers(x, plan)
+        if plan.cache is not None and plan.update_cache:
+            plan.cache.advance([sum(s.length for s in r) for r in plan.rows])
+        return self.final_norm(x, plan)
+
+    def run_layers(self, x: torch.Tensor, plan: ForwardPlan, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Layers [start, stop) on x [N, H] (the residual stream, not normed)."""
+        for layer in self.layers[start:stop]:
+            x = layer(x, plan)
+        return x
+
+    def final_norm(self, x: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
+        return plan.route.apply(self.norm_und, self.norm_gen, x)
