@@ -310,6 +310,13 @@ def check_prompt_template(text: str) -> None:
         template = PromptTemplate(text)
     except jinja2.TemplateSyntaxError as err:
         raise ValueError(f"bad prompt template (template line {err.lineno}): {err.message}") from None
+    # Jinja only reports an unknown filter or test inside {% if %} when that branch runs.
+    syntax = _ENV.parse(text)
+    for kind, node_type, known in (("filter", jinja2.nodes.Filter, _ENV.filters),
+                                   ("test", jinja2.nodes.Test, _ENV.tests)):
+        for node in syntax.find_all(node_type):
+            if node.name not in known or node.name == _COUNT_LOOP:
+                raise ValueError(f"bad prompt template (template line {node.lineno}): No {kind} named {node.name!r}")
     if not prompt_template_columns(text):
         try:
             template.render()

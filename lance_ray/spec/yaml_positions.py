@@ -204,7 +204,7 @@ def _alias_bomb(root: Node) -> tuple[Mark, str] | None:
     worst = max((k for k in uses if uses[k] > 1), key=lambda k: expanded[k] * (uses[k] - 1))
     message = (
         f"aliases would expand this document by {added:,} values (at most {MAX_ALIAS_VALUES:,} are "
-        f"allowed); the anchored value here is used {uses[worst]:,} times"
+        f"allowed); most come from the {uses[worst]:,} uses of the value anchored here"
     )
     return Mark.of(nodes[worst].start_mark), message
 
