@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import glob
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,12 +33,21 @@ from lance_ray.spec.yaml_positions import Mark, PositionMap, load_yaml, position
 MAX_JOB_FILE_BYTES = 16 * 2**20
 
 
+# Line breaks (as str.splitlines sees them) and other control characters a message may echo from the
+# job file: escaped, so that one problem is always one line.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 @dataclass(frozen=True)
 class SpecProblem:
     file: str
     line: int
     col: int
     message: str
+
+    def __post_init__(self) -> None:
+        one_line = _UNPRINTABLE.sub(lambda m: repr(m.group(0))[1:-1], self.message)
+        object.__setattr__(self, "message", one_line)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}: {self.message}"

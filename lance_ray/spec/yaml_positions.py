@@ -114,6 +114,8 @@ def load_yaml(text: str, env: Mapping[str, str]) -> LoadedYaml:
         return LoadedYaml(None, positions, [bomb])
     builder = _Builder(env, positions)
     data = builder.build(root, (), None)
+    if data is None and not builder.problems:  # `---`, `~`, `null`: a document that says nothing
+        builder.problems.append((Mark.of(root.start_mark), "the job file is empty"))
     return LoadedYaml(data, positions, builder.problems)
 
 
@@ -321,10 +323,11 @@ class _Builder:
             return self.constructor.construct_object(node, deep=True)
         except ConstructorError as err:
             self.problems.append((_mark_of(err, node), f"cannot read value: {err.problem}"))
-        except (ValueError, OverflowError) as err:  # a date like 2024-13-45, an integer of 5000 digits
+        except Exception as err:  # 2024-13-45, an integer of 5000 digits, `!!int` on an empty value...
             text = str(node.value) if isinstance(node, ScalarNode) else ""
             shown = repr(text) if len(text) <= 40 else f"this value ({len(text):,} characters)"
-            reason = str(err).split(";")[0]  # Python's own advice after the `;` is not for job files
+            # Python's own advice after the `;` is not for job files; PyYAML fails on '' with IndexError.
+            reason = str(err).split(";")[0] if text and isinstance(err, ValueError | OverflowError) else "invalid"
             message = f"cannot read {shown} as {node.tag.rsplit(':', 1)[-1]}: {reason} (quote it to keep it text)"
             self.problems.append((Mark.of(node.start_mark), message))
         return None
