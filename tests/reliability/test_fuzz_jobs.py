@@ -155,10 +155,30 @@ TEMPLATE_TOKENS = [
 ]
 
 
+# Expressions built by a small grammar, so that most of them compile and then stress the render limits.
+ATOMS = ["x", "y", "name", "'ab'", "0", "7", "99999", "10**6", "[1, 2]", "range(99999)", "namespace(v=x)",
+         "{'k': y}", "none", "loop"]
+expressions = st.recursive(st.sampled_from(ATOMS), lambda inner: st.one_of(
+    st.tuples(inner, st.sampled_from(["*", "**", "+", "~", "%", "/", "//", "-"]), inner).map(" ".join).map("({})".format),
+    st.tuples(inner, st.sampled_from(["join", "list", "length", "center(99999999)", "replace('a', y)", "format(x)",
+                                      "batch(3)", "string", "int", "reverse", "sum", "unique", "tojson", "indent(9)"]))
+    .map("{0[0]}|{0[1]}".format),
+    st.tuples(inner, st.sampled_from(["upper", "split", "zfill(9999999)", "ljust(7)", "format(y, y)"]))
+    .map("{0[0]}.{0[1]}".format).map(lambda call: call if "(" in call else call + "()"),
+    inner.map("[{0}, {0}]".format),
+), max_leaves=8)
+statements = st.one_of(
+    expressions.map("{{{{ {} }}}}".format),
+    st.tuples(expressions, expressions).map("{{% for i in {0[0]} %}}{{{{ {0[1]} }}}}{{% endfor %}}".format),
+    st.tuples(expressions, expressions).map("{{% set ns = namespace(v={0[0]}) %}}{{% for i in range(30) %}}"
+                                            "{{% set ns.v = [ns.v, {0[1]}] %}}{{% endfor %}}{{{{ ns.v|length }}}}".format),
+    st.lists(st.sampled_from(TEMPLATE_TOKENS), max_size=25).map("".join),
+)
+
+
 @FUZZ
-@given(st.lists(st.sampled_from(TEMPLATE_TOKENS), max_size=25), st.sampled_from([0, 1, -3, "ab", [1, 2], None]))
-def test_random_prompt_templates(tokens: list[str], x: Any) -> None:
-    template = "".join(tokens)
+@given(statements, st.sampled_from([0, 1, -3, "ab", [1, 2], None, 10**30, "x" * 1000]))
+def test_random_prompt_templates(template: str, x: Any) -> None:
     quoted = json.dumps(template)  # a JSON string is a valid double-quoted YAML scalar
     check_document(f"name: t\nmodels: {{image: lance-tiny}}\nsteps:\n  - name: s\n    task: t2i\n"
                    f"    input:\n      rows: [{{x: 1}}]\n      prompt: {quoted}\n")
