@@ -110,6 +110,7 @@ def jobs_head() -> Iterator[str]:
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_dashboard(address, proc, log)
+        _wait_for_job_agent(address)
         yield address
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -120,6 +121,23 @@ def jobs_head() -> Iterator[str]:
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_job_agent(address: str, timeout: float = 120) -> None:
+    """The dashboard answers before its job agent has registered; on a loaded machine a first submission
+    can then be refused ("No available agent to submit job"). Submit a no-op job until one is accepted."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.submit_job(entrypoint="true")
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "condition"):
@@ -353,6 +371,9 @@ def write_caption_job(root: Path, *, schedule: str | None = None) -> Path:
 def test_submit_follow_status_logs_list(jobs_head, tmp_path, capsys, monkeypatch):
     secret = "s3cr3t-value-never-printed"
     monkeypatch.setenv("LANCE_RAY_TEST_TOKEN", secret)
+    not_forwarded = {"AWS_SECRET_ACCESS_KEY": "fake-aws-secret-0042", "HF_TOKEN": "hf_fake_token_0042"}
+    for name, value in not_forwarded.items():
+        monkeypatch.setenv(name, value)
     job = write_caption_job(tmp_path)
     rc = main(["submit", str(job), "--address", jobs_head, "--follow", "--run-date", "2026-02-03",
                "--env-from-local", "LANCE_RAY_TEST_TOKEN"])  # fmt: skip
@@ -390,6 +411,9 @@ def test_submit_follow_status_logs_list(jobs_head, tmp_path, capsys, monkeypatch
     assert "LANCE_RAY_SUMMARY" in logs
     for text in (submitted.out, submitted.err, status, listing, logs):  # … and never printed
         assert secret not in text
+    recorded = repr((info.entrypoint, info.runtime_env, info.metadata))  # what the cluster keeps
+    for text in (submitted.out, submitted.err, status, listing, logs, recorded):
+        assert not any(value in text for value in not_forwarded.values())
 
 
 def test_status_logs_stop_on_a_long_running_job(jobs_head, capsys):

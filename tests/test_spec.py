@@ -570,9 +570,10 @@ def test_bounded_templates_still_render_ordinary_prompts() -> None:
     template = compile_prompt_template(
         "{% for t in tags %}{{ t|upper }}{{ ', ' if not loop.last }}{% endfor %}: {{ '%s-%03d'|format(name, n) }}"
         " {{ (name ~ ' ') * 3 }}{{ 2 ** 64 }} {{ ' '.join(tags) }} {{ '{:>5}'.format(n) }}"
+        " {{ 'order 1234567: %s'|format(name) }}"
     )
     rendered = template.render(tags=["a", "b"], name="x", n=7)
-    assert rendered == "A, B: x-007 x x x 18446744073709551616 a b     7"
+    assert rendered == "A, B: x-007 x x x 18446744073709551616 a b     7 order 1234567: x"
 
 
 def test_the_render_deadline_is_a_limit_too(monkeypatch) -> None:

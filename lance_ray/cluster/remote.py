@@ -11,9 +11,10 @@ image or `cluster.yaml`'s setup commands); SubmitOptions.pip installs it into th
 
 Only the job's declared inputs travel: the files its steps' `input.path` entries name (folders and
 globs expanded) and the media that rows of those tables name. Every one of them must lie, symlinks
-followed, inside a folder an `input.path` entry names (a file named one by one counts as declared
-wherever it is): a row naming `~/.aws/credentials` is refused, not uploaded, unless the submitter
-passes `allow_outside_inputs` (`--allow-outside-inputs`). `submit` lists every file it ships.
+followed, inside an input folder: a folder an `input.path` entry names, a glob's folder, or the
+folder of a file it names (that file itself is declared wherever it is). A row naming
+`~/.aws/credentials` is refused, not uploaded, unless the submitter passes `allow_outside_inputs`
+(`--allow-outside-inputs`). `submit` lists every file it ships.
 
 What changes in the staged copy of the job file:
 * local inputs are copied, keeping their layout relative to the job file, so relative paths and row
@@ -187,10 +188,10 @@ def stage_job(
         listed = "; ".join(f"{f} (step {name}, {why})" for name, f, why in outside[:5])
         more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
         raise StagingError(
-            f"{len(outside)} file(s) the job would ship lie outside the folders its input.path entries name: "
+            f"{len(outside)} file(s) the job would ship lie outside its input folders (those input.path names): "
             f"{listed}{more}. Move them under an input folder, or pass --allow-outside-inputs to ship them"
         )
-    elif outside:
+    if outside:
         notes.append(f"shipping {len(outside)} file(s) from outside the job's input folders "
                      "(--allow-outside-inputs)")
     for index, step in enumerate(job.steps):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,7 +92,9 @@ def decode_image(src: MediaInput) -> np.ndarray:
     """
     with _open_binary(src) as f:
         try:
-            image = Image.open(f)
+            with warnings.catch_warnings():  # Pillow warns about sizes that MAX_IMAGE_PIXELS refuses below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(f)
         except UnidentifiedImageError:
             raise MediaError(f"{_name(src)}: not a readable image (unknown format, or corrupt)") from None
         except Image.DecompressionBombError:  # Pillow's own check, at twice MAX_IMAGE_PIXELS

@@ -9,7 +9,7 @@ template runs once per row in the driver and one careless line must cost a row, 
 * no string or list the template builds, and not the prompt itself, may exceed `MAX_VALUE_SIZE`
   characters or items; operations that would exceed it are refused before they allocate
   (`{{ subject * 10**8 }}`, `"x".center(10**9)`, `"{:>999999999}"`, exponentially doubling lists);
-* integers may not grow past `MAX_INT_BITS` bits (`10 ** 10 ** 8` would take minutes to compute).
+* integers may not grow past `MAX_INT_BITS` bits (`2 ** (10 ** 9)` would take minutes to compute).
 
 `PromptTemplate.render` raises `jinja2.TemplateError` for every failure, including the ones Python
 raises in the middle of a template (`{{ 1 / 0 }}`): `TemplateLimitError` for a limit, and
@@ -47,8 +47,8 @@ _SIZING_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "batch"
 _SIZING_STR_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 # str methods whose result can be far larger than their inputs in ways not worth bounding here.
 _REFUSED_STR_METHODS = frozenset({"translate", "maketrans"})
-# A width or precision of 7+ digits in a format string, or one taken from the arguments (`*`, `{:{}}`).
-_HUGE_FORMAT_WIDTH = re.compile(r"\d{7,}|%[-#0 +]*\*|\{[^{}]*:[^{}]*\{")
+# A width or precision of 7+ digits in a format spec, or one taken from the arguments (`%*s`, `{:{}}`).
+_HUGE_FORMAT_WIDTH = re.compile(r"%[-#0 +]*(?:\*|\d{7,}|\d*\.(?:\*|\d{7,}))|\{[^{}]*:[^{}]*(?:\d{7,}|\{)")
 _COUNT_LOOP = "__lance_ray_count_loop"  # the filter wrapped around every {% for %} iterable
 
 
