@@ -96,7 +96,7 @@ def _read_job_file(file: Path, name: str) -> str:
     except OSError as err:
         raise fail(f"cannot read job file: {err.strerror or err}") from None
     if len(data) > MAX_JOB_FILE_BYTES:
-        raise fail(_too_big(len(data)))
+        raise fail(_too_big())
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -105,7 +105,7 @@ def _read_job_file(file: Path, name: str) -> str:
         raise fail(f"the job file is not UTF-8 text (byte 0x{data[err.start]:02x})", where) from None
 
 
-def _too_big(size: int) -> str:
+def _too_big() -> str:
     return (
         f"the job file is larger than {MAX_JOB_FILE_BYTES // 2**20} MiB; put many inline rows in a JSONL, "
         "CSV or Parquet file and give its path as input.path"
@@ -122,7 +122,7 @@ def load_job_text(
 ) -> Job:
     """Like `load_job` for text; `filename` is used in messages, `base_dir` for relative paths (default: cwd)."""
     if len(text) > MAX_JOB_FILE_BYTES:  # characters: at least as many bytes
-        raise JobSpecError([SpecProblem(filename, 1, 1, _too_big(len(text)))])
+        raise JobSpecError([SpecProblem(filename, 1, 1, _too_big())])
     loaded = load_yaml(text, os.environ if env is None else env)
     positions = loaded.positions
 
