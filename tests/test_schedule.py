@@ -429,19 +429,22 @@ class DirCluster:
         self.folder, self.clock, self.duration = folder, clock, duration
 
     def submit(self, job_path, options, *, submission_id=None, run_date=None, run_id=None, metadata=None) -> str:
+        # Written aside, then linked into place: the submission appears whole, and only once.
+        draft = self.folder / f".{submission_id}.{os.getpid()}"
+        draft.write_text(self.clock.now().isoformat())
         try:
-            fd = os.open(self.folder / submission_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(draft, self.folder / submission_id)
         except FileExistsError:
             raise ClusterError(f"the cluster refused the submission: {submission_id} already exists") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(self.clock.now().isoformat())
+        finally:
+            draft.unlink()
         return submission_id
 
     def info(self, submission_id: str) -> RunInfo | None:
         path = self.folder / submission_id
-        text = path.read_text() if path.exists() else ""
-        if not text:  # not submitted, or its file is being written this instant
+        if not path.exists():
             return None
+        text = path.read_text()
         done = self.clock.now() >= datetime.fromisoformat(text) + self.duration
         return RunInfo(submission_id, "SUCCEEDED" if done else "RUNNING", "race", "lance-ray run", None, None,
                        None, {}, {}, rows_ok=1 if done else None, rows_failed=0 if done else None)
@@ -482,9 +485,10 @@ def test_two_scheduler_processes_share_one_history(tmp_path):
         last = RACE_START + timedelta(seconds=30 * (ticks - 1))
         assert [r.scheduled_for for r in runs] == due_times(ScheduleSpec(cron="* * * * *"),
                                                             RACE_START - timedelta(minutes=2), last)
-        submitted = sorted(p.name for p in (folder / "cluster").iterdir())
+        submitted = sorted(p.name for p in (folder / "cluster").iterdir() if not p.name.startswith("."))
         assert submitted == sorted(r.submission_id for r in runs if r.status != QUEUED)
-        assert {r.status for r in runs} <= {"SUCCEEDED", "RUNNING", "PENDING", QUEUED}, [r.status for r in runs]
+        assert {r.status for r in runs} <= {"SUCCEEDED", "RUNNING", "PENDING", QUEUED}, [
+            (r.status, r.error) for r in runs if r.error]
 
 
 def test_a_submission_the_other_scheduler_made_first_is_adopted(tmp_path):
