@@ -117,6 +117,42 @@ def test_bad_images_raise_media_error(tmp_path):
         decode_image(str(tmp_path / "missing.png"))
 
 
+def test_images_over_the_pixel_limit_are_refused_before_decoding():
+    """Pillow refuses past twice its limit but only warns below that: our limit applies in between too."""
+    import struct
+    import zlib
+
+    def png_header_only(width: int, height: int) -> bytes:
+        def chunk(tag: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+        header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+    for width, height in ((10_000, 9_000), (20_000, 20_000)):  # 90 MP (Pillow: a warning), 400 MP
+        with pytest.raises(MediaError, match="larger than 89,478,485 pixels"):
+            decode_image(png_header_only(width, height))
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    gray = np.array([[0, 257, 32896, 65535]], np.uint16)
+    decoded = decode_image(png_bytes(Image.fromarray(gray)))
+    np.testing.assert_array_equal(decoded[..., 0], [[0, 1, 128, 255]])
+    assert (decoded == decoded[..., :1]).all()
+
+
+def test_empty_and_non_regular_files_fail_without_opening(tmp_path):
+    import os
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    os.mkfifo(tmp_path / "pipe.mp4")  # opening it would block until a writer came
+    with pytest.raises(MediaError, match="empty file"):
+        decode_image(str(tmp_path / "empty.png"))
+    with pytest.raises(MediaError, match="not a regular file"):
+        probe_video(str(tmp_path / "pipe.mp4"))
+    with pytest.raises(MediaError, match="a directory"):
+        decode_image(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------- videos
 
 

@@ -38,6 +38,7 @@ from lance_ray.cluster.remote import (
     RunInfo,
     StagingError,
     UnknownSubmission,
+    shipped_listing,
     stage_job,
 )
 from lance_ray.errors import LanceRayError
@@ -109,6 +110,7 @@ def jobs_head() -> Iterator[str]:
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_dashboard(address, proc, log)
+        _wait_for_job_agent(address)
         yield address
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -119,6 +121,23 @@ def jobs_head() -> Iterator[str]:
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_job_agent(address: str, timeout: float = 120) -> None:
+    """The dashboard answers before its job agent has registered; on a loaded machine a first submission
+    can then be refused ("No available agent to submit job"). Submit a no-op job until one is accepted."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.submit_job(entrypoint="true")
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "condition"):
@@ -177,7 +196,7 @@ def test_stage_job_keeps_layout_row_ids_and_leaves_secrets_out(tmp_path, monkeyp
     job_path = make_project(tmp_path / "project")
     staging = tmp_path / "staging"
     staging.mkdir()
-    staged = stage_job(job_path, staging)
+    staged = stage_job(job_path, staging, allow_outside_inputs=True)  # q.jsonl names ../media/tower.jpg
 
     text = (staging / staged.job_file).read_text()
     assert "hunter2" not in text and "${SECRET_WORD}" in text  # expanded on the cluster, not here
@@ -205,6 +224,66 @@ def test_stage_job_keeps_layout_row_ids_and_leaves_secrets_out(tmp_path, monkeyp
     assert [r["prompt"] for r in open_source(copy.step("ask"), copy).iter_rows()] == [
         "What? (set-on-the-cluster)"
     ]
+
+
+def test_stage_job_ships_nothing_outside_the_input_folders_unless_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECRET_WORD", "x")
+    job_path = make_project(tmp_path / "project")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(StagingError) as refused:
+        stage_job(job_path, staging)
+    message = str(refused.value)
+    assert str(tmp_path / "project" / "media" / "tower.jpg") in message and "row q1" in message
+    assert "--allow-outside-inputs" in message and list(staging.iterdir()) == []
+
+
+def test_a_row_naming_a_credentials_file_is_refused(tmp_path):
+    secrets = tmp_path / "home" / ".aws"
+    secrets.mkdir(parents=True)
+    (secrets / "credentials").write_text("[default]\naws_secret_access_key = REAL-SECRET\n")
+    project = tmp_path / "project"
+    (project / "data" / "imgs").mkdir(parents=True)
+    shutil.copy(SAMPLE_IMAGES / "tiles_256x256.png", project / "data" / "imgs" / "ok.png")
+    os.symlink(secrets / "credentials", project / "data" / "imgs" / "innocent.png")  # a link out of the folder
+    rows = [{"id": "a", "image": "imgs/ok.png"}, {"id": "b", "image": str(secrets / "credentials")},
+            {"id": "c", "image": "../../home/.aws/credentials"}]
+    (project / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = project / "job.yaml"
+    job.write_text("name: leak\nmodels: {image: {source: lance-tiny, backend: debug}}\nsteps:\n"
+                   "  - {name: ask, task: x2t_image, input: {path: data/rows.jsonl, columns: {row_id: id}}}\n"
+                   "  - {name: look, task: x2t_image, input: {path: data/imgs, format: images}}\n")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(StagingError) as refused:
+        stage_job(job, staging)
+    message = str(refused.value)
+    assert "2 file(s)" in message and "row b" in message  # rows b and c name the same file
+    assert str(project / "data" / "imgs" / "innocent.png") in message  # the symlink, found in the folder
+    assert list(staging.iterdir()) == []
+
+    (project / "data" / "imgs" / "innocent.png").unlink()
+    (project / "data" / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    staged = stage_job(job, staging)
+    assert sorted(staged.files) == ["data/imgs/ok.png", "data/rows.jsonl"]
+    assert not any("REAL-SECRET" in p.read_text(errors="replace") for p in staging.rglob("*") if p.is_file())
+
+
+def test_declared_files_travel_wherever_they_are(tmp_path):
+    elsewhere = tmp_path / "shared" / "questions.jsonl"
+    elsewhere.parent.mkdir()
+    shutil.copy(SAMPLE_IMAGES / "tiles_256x256.png", elsewhere.parent / "tiles.png")
+    elsewhere.write_text(json.dumps({"image": "tiles.png", "question": "What?"}) + "\n")
+    job = tmp_path / "project" / "job.yaml"
+    job.parent.mkdir()
+    job.write_text("name: declared\nmodels: {image: {source: lance-tiny, backend: debug}}\nsteps:\n"
+                   f"  - {{name: ask, task: x2t_image, input: {{path: {elsewhere}}}}}\n")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    staged = stage_job(job, staging)
+    assert sorted(staged.files) == ["shared/questions.jsonl", "shared/tiles.png"]
+    listing = shipped_listing(staged, limit=1)
+    assert listing == ["  project/job.yaml (the job file)", "  shared/questions.jsonl", "  ... and 1 more"]
 
 
 def test_stage_job_refuses_inputs_over_the_limit(tmp_path):
@@ -292,6 +371,9 @@ def write_caption_job(root: Path, *, schedule: str | None = None) -> Path:
 def test_submit_follow_status_logs_list(jobs_head, tmp_path, capsys, monkeypatch):
     secret = "s3cr3t-value-never-printed"
     monkeypatch.setenv("LANCE_RAY_TEST_TOKEN", secret)
+    not_forwarded = {"AWS_SECRET_ACCESS_KEY": "fake-aws-secret-0042", "HF_TOKEN": "hf_fake_token_0042"}
+    for name, value in not_forwarded.items():
+        monkeypatch.setenv(name, value)
     job = write_caption_job(tmp_path)
     rc = main(["submit", str(job), "--address", jobs_head, "--follow", "--run-date", "2026-02-03",
                "--env-from-local", "LANCE_RAY_TEST_TOKEN"])  # fmt: skip
@@ -329,6 +411,9 @@ def test_submit_follow_status_logs_list(jobs_head, tmp_path, capsys, monkeypatch
     assert "LANCE_RAY_SUMMARY" in logs
     for text in (submitted.out, submitted.err, status, listing, logs):  # … and never printed
         assert secret not in text
+    recorded = repr((info.entrypoint, info.runtime_env, info.metadata))  # what the cluster keeps
+    for text in (submitted.out, submitted.err, status, listing, logs, recorded):
+        assert not any(value in text for value in not_forwarded.values())
 
 
 def test_status_logs_stop_on_a_long_running_job(jobs_head, capsys):

@@ -11,6 +11,8 @@ on the second Sunday of March (2026-03-08).
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sqlite3
 import textwrap
 from datetime import datetime, timedelta, timezone
@@ -33,6 +35,7 @@ from lance_ray.cluster.schedule import (
     submission_id_for,
     wall_to_utc,
 )
+from lance_ray.errors import ClusterError
 from lance_ray.spec import ScheduleSpec
 
 UTC = timezone.utc
@@ -413,3 +416,97 @@ def test_fixed_output_path_makes_the_next_run_process_only_new_files(ray_local, 
     assert {
         r["row_id"]: r["started_at"] for r in table.to_pylist() if r["row_id"] in first_rows
     } == first_rows
+
+
+# ------------------------------------------------------------------- two schedulers, one history
+
+
+class DirCluster:
+    """A Jobs API shared by processes through a folder: one file per submission, created exclusively, so
+    a second submission of an id is refused as Ray refuses it. A run succeeds `duration` after it starts."""
+
+    def __init__(self, folder: Path, clock: FakeClock, duration: timedelta):
+        self.folder, self.clock, self.duration = folder, clock, duration
+
+    def submit(self, job_path, options, *, submission_id=None, run_date=None, run_id=None, metadata=None) -> str:
+        # Written aside, then linked into place: the submission appears whole, and only once.
+        draft = self.folder / f".{submission_id}.{os.getpid()}"
+        draft.write_text(self.clock.now().isoformat())
+        try:
+            os.link(draft, self.folder / submission_id)
+        except FileExistsError:
+            raise ClusterError(f"the cluster refused the submission: {submission_id} already exists") from None
+        finally:
+            draft.unlink()
+        return submission_id
+
+    def info(self, submission_id: str) -> RunInfo | None:
+        path = self.folder / submission_id
+        if not path.exists():
+            return None
+        text = path.read_text()
+        done = self.clock.now() >= datetime.fromisoformat(text) + self.duration
+        return RunInfo(submission_id, "SUCCEEDED" if done else "RUNNING", "race", "lance-ray run", None, None,
+                       None, {}, {}, rows_ok=1 if done else None, rows_failed=0 if done else None)
+
+
+RACE_START = utc(2026, 3, 1, 12, 0)
+
+
+def race_scheduler(history: Path, cluster: Path, barrier, ticks: int) -> None:
+    """One of two scheduler processes on one history database; both tick at the same instants."""
+    clock = FakeClock(RACE_START)
+    job = ScheduledJob("race", history.parent / "race.yaml", ScheduleSpec(cron="* * * * *", overlap="queue"))
+    scheduler = Scheduler([job], RunHistory(history), DirCluster(cluster, clock, timedelta(seconds=30)),
+                          SubmitOptions(), clock, grace=timedelta(minutes=2), poll=timedelta(seconds=30))
+    for tick in range(ticks):
+        barrier.wait(timeout=60)
+        clock.at(RACE_START + timedelta(seconds=30 * tick))
+        scheduler.tick()
+
+
+def test_two_scheduler_processes_share_one_history(tmp_path):
+    """On a shared volume the file lock does not hold: two schedulers tick together on one database.
+    Each due time is recorded and submitted exactly once, and neither process fails."""
+    context = multiprocessing.get_context("spawn")
+    ticks = 60
+    for trial in range(3):
+        folder = tmp_path / f"trial{trial}"
+        (folder / "cluster").mkdir(parents=True)
+        barrier = context.Barrier(2)
+        processes = [context.Process(target=race_scheduler, args=(folder / "h.sqlite", folder / "cluster",
+                                                                    barrier, ticks)) for _ in range(2)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=300)
+        assert [p.exitcode for p in processes] == [0, 0], f"trial {trial}: a scheduler crashed (see stderr)"
+        runs = RunHistory(folder / "h.sqlite").runs("race")
+        last = RACE_START + timedelta(seconds=30 * (ticks - 1))
+        assert [r.scheduled_for for r in runs] == due_times(ScheduleSpec(cron="* * * * *"),
+                                                            RACE_START - timedelta(minutes=2), last)
+        submitted = sorted(p.name for p in (folder / "cluster").iterdir() if not p.name.startswith("."))
+        assert submitted == sorted(r.submission_id for r in runs if r.status != QUEUED)
+        assert {r.status for r in runs} <= {"SUCCEEDED", "RUNNING", "PENDING", QUEUED}, [
+            (r.status, r.error) for r in runs if r.error]
+
+
+def test_a_submission_the_other_scheduler_made_first_is_adopted(tmp_path):
+    """Both schedulers found the run unsubmitted; the other one submitted it first, so the cluster refuses
+    ours as a duplicate id: the run is the other's, running, not a failed submission."""
+    clock = FakeClock(utc(2026, 1, 1, 2, 0, 30))
+    cluster = FakeCluster(clock, duration=timedelta(minutes=10))
+    scheduler = make_scheduler(tmp_path, clock, cluster, cron="0 2 * * *")
+    real_info = cluster.info
+    answers = iter([None])  # the first look: not submitted yet
+
+    def info(submission_id):
+        return next(answers, None) if submission_id not in cluster.submitted else real_info(submission_id)
+
+    def submit_after_the_other(job_path, options, *, submission_id=None, **kwargs):
+        cluster.submitted[submission_id] = (clock.now(), {})  # the other scheduler's submission
+        raise ClusterError(f"the cluster refused the submission: job {submission_id} already exists")
+
+    cluster.info, cluster.submit = info, submit_after_the_other
+    scheduler.tick()
+    assert statuses(scheduler) == [(utc(2026, 1, 1, 2), "RUNNING")] and scheduler.submit_errors == 0

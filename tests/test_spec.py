@@ -530,3 +530,72 @@ def test_shipped_job_files_are_valid(path: Path) -> None:
     job = load_job(path)
     for step in job.steps:
         assert step.params_for(job).seed is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Template limits: every failure is a jinja2.TemplateError for that row, raised before the cost
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("{{ subject * 10**8 }}", "repeating a value 100,000,000 times"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "100,000 steps"),
+    ("{% set s = 'x' * 99999 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "100,000 steps"),
+    ("{{ 'x'|center(10**9) }}", "|center(1000000000)"),
+    ("{{ 'x'.ljust(10**9) }}", "str.ljust(1000000000)"),
+    ("{{ '{:>999999999}'.format(1) }}", "format widths"),
+    ("{{ '{:{}}'.format(1, 10**9) }}", "format widths"),
+    ("{{ '%999999999s' % 1 }}", "format widths"),
+    ("{{ 2 ** (10 ** 8) }}", "bits"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+    ("{{ 10 ** 5000 }}", "Exceeds the limit (4300 digits)"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "grows past 1,000,000"),
+    ("{% set ns = namespace(v=[1]) %}{% for i in range(60) %}{% set ns.v = [ns.v, ns.v] %}{% endfor %}{{ ns.v }}",
+     "grows past 1,000,000"),
+    ("{% set l = [1] %}{% for i in range(60) %}{{ l.extend(l) or '' }}{% endfor %}", "grows past 1,000,000"),
+    ("{% set s = 'x' * 99999 %}{{ s.replace('', s) }}", "replace() would build"),
+    ("{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(40) }}", "100,000 steps"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses too deeply"),
+    ("{{ ''.__class__.__mro__ }}", "unsafe"),
+    ("{{ lipsum(10**6) }}", "'lipsum' is undefined"),
+    ("{{ 'abc'.translate({97: 'x'}) }}", "not available"),
+    ("{{ nope }}", "'nope' is undefined"),
+])
+def test_template_limits_fail_the_row_cleanly(template: str, message: str) -> None:
+    with pytest.raises(jinja2.TemplateError) as error:
+        compile_prompt_template(template).render(subject="a cat")
+    assert message in str(error.value)
+
+
+def test_bounded_templates_still_render_ordinary_prompts() -> None:
+    template = compile_prompt_template(
+        "{% for t in tags %}{{ t|upper }}{{ ', ' if not loop.last }}{% endfor %}: {{ '%s-%03d'|format(name, n) }}"
+        " {{ (name ~ ' ') * 3 }}{{ 2 ** 64 }} {{ ' '.join(tags) }} {{ '{:>5}'.format(n) }}"
+        " {{ 'order 1234567: %s'|format(name) }}"
+    )
+    rendered = template.render(tags=["a", "b"], name="x", n=7)
+    assert rendered == "A, B: x-007 x x x 18446744073709551616 a b     7 order 1234567: x"
+
+
+def test_the_render_deadline_is_a_limit_too(monkeypatch) -> None:
+    from lance_ray.spec import templates
+
+    monkeypatch.setattr(templates, "MAX_RENDER_SECONDS", -1.0)  # every step is past the deadline
+    with pytest.raises(templates.TemplateLimitError, match="longer than -1 s"):
+        compile_prompt_template("{% for i in range(3) %}{{ i }}{% endfor %}").render()
+
+
+@pytest.mark.parametrize("params", [{"shift": float("inf")}, {"cfg_scale": float("-inf")},
+                                    {"temperature": float("nan")}, {"cfg_interval": [0.0, float("inf")]},
+                                    {"cfg_renorm_min": float("nan")}, {"top_p": float("nan")}])
+def test_non_finite_params_are_refused_from_python_too(params: dict) -> None:
+    from lance_ray.spec import Params
+
+    with pytest.raises(ValidationError, match="finite number"):
+        Params(**params)
+
+
+def test_infinity_from_the_environment_is_refused() -> None:
+    text = one_step("t2i", "{rows: [{prompt: p}]}", "    params:\n      shift: ${SHIFT}\n")
+    (problem,) = problems_of(text, env={"SHIFT": ".inf"})
+    assert "finite number" in problem.message and (problem.line, problem.col) == (7, 14)

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # -v is lance-ray's own debug output. Other libraries stay at WARNING: botocore's debug log, for
+    # one, prints every request's signed headers, access key id included.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lance_ray").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     return run_command(args.command, args.func, args)

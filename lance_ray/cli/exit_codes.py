@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -58,7 +59,55 @@ def error_message(command: str, error: BaseException) -> str:
         return str(error)
     if code == EXIT_CLUSTER:
         return f"lance-ray {command}: {error}"
-    return f"lance-ray {command}: failed: {type(error).__name__}: {error}"
+    return f"lance-ray {command}: failed: {describe_failure(error)}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The last line of a Python traceback: `package.module.SomeError: message` (or a bare `SomeError`).
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))(?:: (.*))?$")
+
+
+def describe_failure(error: BaseException) -> str:
+    """`Type: message` on one line. An error from Ray (or one wrapping it) is reduced to the error raised
+    inside the Ray task or actor: Ray's own message carries the remote traceback, which -v shows."""
+    ray_error = next((e for e in _chain(error) if type(e).__module__.startswith("ray.")), None)
+    if ray_error is None:
+        return _first_line(f"{type(error).__name__}: {error}")
+    reason = _remote_reason(ray_error)
+    if ray_error is error:
+        return reason
+    head = _first_line(f"{type(error).__name__}: {error}").split(f"{type(ray_error).__name__}:")[0].rstrip()
+    return f"{head} {reason}"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def _first_line(text: str) -> str:
+    lines = _ANSI.sub("", text).strip().splitlines() or [""]
+    return lines[0] + (" (more with -v)" if len(lines) > 1 else "")
+
+
+def _remote_reason(ray_error: BaseException) -> str:
+    """What failed inside Ray, from the error object when Ray kept it, else from its traceback text."""
+    text = _ANSI.sub("", getattr(ray_error, "error_msg", None) or str(ray_error))
+    cause = getattr(ray_error, "cause", None)
+    if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray."):
+        inner = _first_line(f"{type(cause).__name__}: {cause}")
+    else:
+        found = [m for m in map(_EXCEPTION_LINE.match, reversed(text.splitlines())) if m]
+        inner = f"{found[0].group(1)}: {found[0].group(2) or ''}".rstrip(": ") if found else _first_line(text)
+    if getattr(ray_error, "actor_init_failed", False):
+        what = ("a Lance model worker could not load its checkpoint" if "LanceWorker" in text
+                else "a Ray actor could not start")
+    else:
+        what = f"Ray {type(ray_error).__name__}"
+    return f"{what}: {inner}"
 
 
 def run_command(command: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

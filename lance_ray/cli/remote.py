@@ -85,7 +85,8 @@ def submit_options_from_args(args: argparse.Namespace) -> SubmitOptions:
     from lance_ray.cluster.remote import DEFAULT_PIP, SubmitOptions
 
     pip = args.pip_requirement or (DEFAULT_PIP if args.pip else None)
-    options = SubmitOptions(pip=pip, env_from_local=tuple(args.env_from_local), output=args.output)
+    options = SubmitOptions(pip=pip, env_from_local=tuple(args.env_from_local), output=args.output,
+                            allow_outside_inputs=args.allow_outside_inputs)
     options.env_vars()  # a variable that is not set fails now, not at the first submission
     return options
 
@@ -116,6 +117,12 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
         help="output root for this submission (e.g. s3://bucket/prefix), instead of the job file's",
+    )
+    parser.add_argument(
+        "--allow-outside-inputs",
+        action="store_true",
+        help="also ship files that table rows name outside the folders the job's input.path entries name "
+        "(refused by default: a row naming ~/.aws/credentials must not upload it)",
     )
 
 
@@ -196,7 +203,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 SUBMIT_DESCRIPTION = """\
-Stages the job file and its local inputs (at most 100 MB) as the job's working_dir and runs
+Stages the job file and its declared local inputs (at most 100 MB; files that table rows name must lie
+in the folders the job's input.path entries name) as the job's working_dir, lists them, and runs
 `lance-ray run` on the cluster; prints the submission id. Without --follow, exit status 0 means
 the cluster accepted the submission. With --follow it streams the logs and exits as the run did
 on the cluster (below)."""

@@ -9,9 +9,16 @@ the job's `working_dir` (at most 100 MB; anything bigger belongs on S3), then ru
 `lance-ray run <job file>` on the cluster. The cluster is assumed to have lance-ray installed (the
 image or `cluster.yaml`'s setup commands); SubmitOptions.pip installs it into the job's runtime env.
 
+Only the job's declared inputs travel: the files its steps' `input.path` entries name (folders and
+globs expanded) and the media that rows of those tables name. Every one of them must lie, symlinks
+followed, inside an input folder: a folder an `input.path` entry names, a glob's folder, or the
+folder of a file it names (that file itself is declared wherever it is). A row naming
+`~/.aws/credentials` is refused, not uploaded, unless the submitter passes `allow_outside_inputs`
+(`--allow-outside-inputs`). `submit` lists every file it ships.
+
 What changes in the staged copy of the job file:
-* local inputs (files, folders, globs, and media that tables reference) are copied, keeping their
-  layout relative to the job file, so relative paths and row ids stay the same;
+* local inputs are copied, keeping their layout relative to the job file, so relative paths and row
+  ids stay the same;
 * local output paths and local model folders become absolute paths: they are read and written on
   the cluster's own disks (a shared filesystem, or a single-node cluster); use s3:// otherwise;
 * `s3://` and other URIs, hub model ids and `${ENV}` references stay as written. References are
@@ -25,6 +32,7 @@ printed.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -83,28 +91,55 @@ def _escape(value: str) -> str:
     return value.replace("$", "$$")
 
 
-def _local_input_files(job) -> dict[int, list[Path]]:
+@dataclass
+class _StepInputs:
+    """The local files one step reads, and the folders its job file declares them in."""
+
+    files: dict[Path, str]  # file -> why it is shipped: "input.path" or the row of a table naming it
+    roots: list[Path]  # resolved: each declared folder, a glob's folder, a declared file's folder
+    declared_files: set[Path]  # files input.path names one by one: shipped wherever they live
+
+    def outside_roots(self) -> list[tuple[Path, str]]:
+        """Files that resolve (symlinks followed) outside every root, unless declared one by one."""
+        return [(f, why) for f, why in self.files.items()
+                if f not in self.declared_files and not any(f.resolve().is_relative_to(r) for r in self.roots)]
+
+
+def _root_of(path: str) -> Path:
+    """The folder a declared input path stands for: itself, a glob's fixed part, or a file's folder."""
+    parts = Path(path).parts
+    magic = next((i for i, part in enumerate(parts) if glob.has_magic(part)), None)
+    if magic is not None:
+        return Path(*parts[:magic]).resolve()
+    return Path(path).resolve() if os.path.isdir(path) else Path(path).resolve().parent
+
+
+def _local_inputs(job) -> dict[int, _StepInputs]:
     """Per step index: the local files its `input.path` reads, including media that tables name."""
     from lance_ray.pipeline.sources import expand_paths, open_source
     from lance_ray.spec import is_uri
 
-    found: dict[int, list[Path]] = {}
+    found: dict[int, _StepInputs] = {}
     for index, step in enumerate(job.steps):
         if step.input.kind != "path":
             continue
         local = [p for p in step.input.path if not is_uri(p)]
         if not local:
             continue
+        inputs = _StepInputs(files={}, roots=[_root_of(p) for p in local],
+                             declared_files={Path(os.path.abspath(p)) for p in local
+                                             if not glob.has_magic(p) and os.path.isfile(p)})
         files = expand_paths(local, step.input.format, step.spec.input_media)
-        paths = [Path(f.uri) for f in files]
+        for file in files:
+            inputs.files[Path(file.uri)] = "input.path"
         tables = [f.uri for f in files if f.kind not in ("image", "video")]
         if tables:  # media paths inside tables are relative to the table: ship those files too
             table_step = step.model_copy(update={"input": step.input.model_copy(update={"path": tables})})
             for row in open_source(table_step, job).iter_rows():
                 for media in (row.get("image"), row.get("video")):
                     if media and not is_uri(media) and os.path.isfile(media):
-                        paths.append(Path(os.path.abspath(media)))
-        found[index] = paths
+                        inputs.files.setdefault(Path(os.path.abspath(media)), f"row {row['row_id']}")
+        found[index] = inputs
     return found
 
 
@@ -127,10 +162,12 @@ def stage_job(
     output: str | None = None,
     forwarded_env: Sequence[str] = (),
     max_bytes: int = MAX_UPLOAD_BYTES,
+    allow_outside_inputs: bool = False,
 ) -> StagedJob:
     """Copy a job file and its local inputs into `staging_dir` (see the module doc for the rules).
 
-    Raises spec.JobSpecError for an invalid job file and StagingError when the inputs are too big.
+    Raises spec.JobSpecError for an invalid job file, and StagingError when the inputs are too big or
+    include files outside the job's input folders (unless `allow_outside_inputs`).
     """
     from lance_ray.spec import is_uri, load_job
 
@@ -142,9 +179,21 @@ def stage_job(
     notes: list[str] = []
 
     try:
-        inputs = _local_input_files(job)
+        inputs = _local_inputs(job)
     except ValueError as exc:  # sources.SourceError: an input that does not exist or cannot be read
         raise StagingError(str(exc)) from None
+    outside = [(job.steps[i].name, f, why) for i, step_inputs in inputs.items()
+               for f, why in step_inputs.outside_roots()]
+    if outside and not allow_outside_inputs:
+        listed = "; ".join(f"{f} (step {name}, {why})" for name, f, why in outside[:5])
+        more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+        raise StagingError(
+            f"{len(outside)} file(s) the job would ship lie outside its input folders (those input.path names): "
+            f"{listed}{more}. Move them under an input folder, or pass --allow-outside-inputs to ship them"
+        )
+    if outside:
+        notes.append(f"shipping {len(outside)} file(s) from outside the job's input folders "
+                     "(--allow-outside-inputs)")
     for index, step in enumerate(job.steps):
         if index in inputs:
             _rewrite_step_paths(raw["steps"][index], step.input.path, job_dir)
@@ -196,7 +245,7 @@ def stage_job(
             "the cluster's environment (forward one from here with --env-from-local NAME)"
         )
 
-    files = sorted({p.resolve() for paths in inputs.values() for p in paths})
+    files = sorted({p.resolve() for step_inputs in inputs.values() for p in step_inputs.files})
     base = Path(os.path.commonpath([job_dir, *(f.parent for f in files)]))
     sizes = {f: f.stat().st_size for f in files}
     total = sum(sizes.values()) + source.stat().st_size
@@ -231,6 +280,14 @@ def stage_job(
     )
 
 
+def shipped_listing(staged: StagedJob, limit: int = 20) -> list[str]:
+    """What a submission uploads, one file a line (the first `limit`, then a count of the rest)."""
+    lines = [f"  {staged.job_file} (the job file)"] + [f"  {name}" for name in staged.files[:limit]]
+    if len(staged.files) > limit:
+        lines.append(f"  ... and {len(staged.files) - limit} more")
+    return lines
+
+
 # -------------------------------------------------------------------------------------- the cluster
 
 
@@ -240,6 +297,7 @@ class SubmitOptions:
     env_from_local: tuple[str, ...] = ()  # names of local environment variables forwarded to the job
     output: str | None = None  # replaces the job file's output root
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    allow_outside_inputs: bool = False  # ship files rows name outside the declared input folders
 
     def env_vars(self) -> dict[str, str]:
         """The forwarded variables with their current values; never print the values."""
@@ -384,6 +442,7 @@ class RemoteCluster:
                 output=options.output,
                 forwarded_env=options.env_from_local,
                 max_bytes=options.max_upload_bytes,
+                allow_outside_inputs=options.allow_outside_inputs,
             )
             command = ["lance-ray", "run", staged.job_file, "--no-progress"]
             if run_date:
@@ -410,6 +469,8 @@ class RemoteCluster:
                     + (f"; forwarding {forwarded}" if forwarded else ""),
                     file=out,
                 )
+                for line in shipped_listing(staged):
+                    print(line, file=out)
             try:
                 return self._call(
                     lambda: self.client.submit_job(

@@ -14,6 +14,11 @@ Crash safety: a run is written to the history as QUEUED, with a submission id de
 name and the scheduled time, before it is submitted. After a crash the scheduler asks the cluster
 about that id before submitting again, and the cluster refuses a second job with the same id, so a
 scheduled time is never run twice.
+
+Two schedulers on one history (a shared volume, where the CLI's file lock does not hold) stay
+correct: due times are recorded in one `BEGIN IMMEDIATE` transaction that also reads the cursor, so
+each is recorded once; a submission the cluster refuses because the other scheduler made it first is
+adopted, not marked failed.
 """
 
 from __future__ import annotations
@@ -367,11 +372,20 @@ class Scheduler:
                 self._report(run)
 
     def _record_due(self, job: ScheduledJob, now: datetime) -> None:
-        cursor = self.history.cursor(job.name)
-        if cursor is None:  # first time this job is seen: a run due within the grace period still counts
-            cursor = now - self.grace
-        if now <= cursor:  # the clock went back: those due times are recorded already
-            return
+        recorded: list[Run] = []
+        # The cursor is read inside the write transaction: another scheduler on the same database (a
+        # shared volume, where the file lock does not hold) may have moved it since our last look.
+        with self.history.transaction():
+            cursor = self.history.cursor(job.name)
+            if cursor is None:  # first time this job is seen: a run due within the grace period still counts
+                cursor = now - self.grace
+            if now > cursor:  # else the clock went back: those due times are recorded already
+                recorded = self._record_between(job, cursor, now)
+        for run in recorded:
+            self._report(run)
+
+    def _record_between(self, job: ScheduledJob, cursor: datetime, now: datetime) -> list[Run]:
+        """Records the due times in (cursor, now] and moves the cursor; inside a transaction."""
         due = due_times(job.schedule, cursor, now)
         missed = [t for t in due if now - t > self.grace]
         on_time = [t for t in due if now - t <= self.grace]
@@ -379,31 +393,29 @@ class Scheduler:
         # An on-time run supersedes a `latest` catch-up: both would process the same new data.
         keep = set(missed if policy == "all" else missed[-1:] if policy == "latest" and not on_time else [])
         recorded = []
-        with self.history.transaction():
-            for moment in missed:
-                if moment in keep:  # catch-up runs queue behind each other whatever `overlap` says
-                    run = self._queued(job, moment)
-                else:
-                    run = Run(
-                        job.name,
-                        moment,
-                        "MISSED",
-                        error=f"due while the scheduler was down (catch_up: {policy})",
-                    )
-                self.history.add(run, now)
-                recorded.append(run)
-            for moment in on_time:
-                busy = self.history.runs(job.name, UNFINISHED)
-                if busy and job.schedule.overlap == "skip":
-                    why = f"run {busy[0].submission_id} was still {busy[0].status.lower()} (overlap: skip)"
-                    run = Run(job.name, moment, "SKIPPED", error=why)
-                else:
-                    run = self._queued(job, moment)
-                self.history.add(run, now)
-                recorded.append(run)
-            self.history.set_cursor(job.name, now)
-        for run in recorded:
-            self._report(run)
+        for moment in missed:
+            if moment in keep:  # catch-up runs queue behind each other whatever `overlap` says
+                run = self._queued(job, moment)
+            else:
+                run = Run(
+                    job.name,
+                    moment,
+                    "MISSED",
+                    error=f"due while the scheduler was down (catch_up: {policy})",
+                )
+            self.history.add(run, now)
+            recorded.append(run)
+        for moment in on_time:
+            busy = self.history.runs(job.name, UNFINISHED)
+            if busy and job.schedule.overlap == "skip":
+                why = f"run {busy[0].submission_id} was still {busy[0].status.lower()} (overlap: skip)"
+                run = Run(job.name, moment, "SKIPPED", error=why)
+            else:
+                run = self._queued(job, moment)
+            self.history.add(run, now)
+            recorded.append(run)
+        self.history.set_cursor(job.name, now)
+        return recorded
 
     @staticmethod
     def _queued(job: ScheduledJob, moment: datetime) -> Run:
@@ -438,10 +450,25 @@ class Scheduler:
         # A job file that became invalid or too big, a refused submission, an unreadable input: this
         # run fails, the scheduler goes on with the next.
         except (LanceRayError, OSError, ValueError) as exc:
+            if isinstance(exc, ClusterError) and self._adopt_if_submitted(run, now):
+                return
             run.status, run.error = "SUBMIT_FAILED", f"{type(exc).__name__}: {exc}"
             self.submit_errors += 1
         self.history.update(run, now)
         self._report(run)
+
+    def _adopt_if_submitted(self, run: Run, now: datetime) -> bool:
+        """After a refused submission: whether the cluster has the run after all (another scheduler on the
+        same history submitted it in between, and the cluster refused the duplicate id); if so, record it."""
+        try:
+            known = self.cluster.info(run.submission_id)
+        except ClusterError:
+            return False
+        if known is None:
+            return False
+        self._save(run, known, now)
+        self._report(run)
+        return True
 
 
 def load_scheduled_jobs(paths: Sequence[str]) -> list[ScheduledJob]:

@@ -6,9 +6,16 @@ deliberate differences that only matter for inputs the official code mis-handles
   photo stored sideways is fed sideways);
 * gray+alpha images (`LA`, `PA`) are composited on white like RGBA (the official code drops their
   alpha, so transparent areas come out in whatever colour they happen to store);
+* 16-bit grayscale images are scaled to 8 bits (the official conversion clips them, so anything
+  brighter than 1/256 of full scale comes out white);
 * the display matrix of a video (phone videos recorded upright but stored rotated) is applied to
   the decoded frames (decord, used by the official code, ignores it).
 For every other input the pixels are the same.
+
+Media are untrusted input: whatever is wrong with a file (empty, not a regular file, a FIFO that
+would block, a symlink loop, truncated, a format no decoder knows, a "decompression bomb" whose
+header promises more than `MAX_IMAGE_PIXELS` / `MAX_VIDEO_FRAME_PIXELS`) is a `MediaError` naming
+the file, raised before any large allocation; the caller turns it into that row's error.
 
 Videos are addressed by frame index in decode order and described by their average frame rate, as
 decord does; variable-frame-rate videos therefore need no special case.
@@ -17,6 +24,9 @@ decord does; variable-frame-rate videos therefore need no special case.
 from __future__ import annotations
 
 import io
+import os
+import stat
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +34,9 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lance_ray.io.storage import filesystem_for
+from lance_ray.io.storage import filesystem_for, is_local
 from lance_ray.models.lance import image_to_rgb
 
 if TYPE_CHECKING:  # PyAV is imported where videos are handled: image-only work runs without it
@@ -35,6 +45,11 @@ if TYPE_CHECKING:  # PyAV is imported where videos are handled: image-only work 
 MediaInput = str | bytes
 VideoCodec = Literal["h264", "ffv1"]
 
+# Pillow's own decompression-bomb warning threshold (about 9459 x 9459): larger images are refused.
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_VIDEO_FRAME_PIXELS = 7680 * 4320  # 8K UHD; up to 73 sampled frames are decoded at full size
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N")
+
 
 class MediaError(ValueError):
     """A media file that cannot be used: missing, unreadable, corrupt, truncated or unsupported."""
@@ -42,14 +57,24 @@ class MediaError(ValueError):
 
 def _open_binary(src: MediaInput) -> BinaryIO:
     if isinstance(src, bytes | bytearray | memoryview):
+        if not src:
+            raise MediaError("<0 bytes>: empty file")
         return io.BytesIO(bytes(src))
     fs, path = filesystem_for(src)
     try:
+        if is_local(src):
+            # Checked before opening: a FIFO would block the open, a device (/dev/zero) never ends.
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+                raise MediaError(f"{src}: cannot open ({what})")
+            if info.st_size == 0:
+                raise MediaError(f"{src}: empty file")
         return fs.open(path, "rb")
     except FileNotFoundError as e:
         raise MediaError(f"{src}: file not found") from e
     except OSError as e:
-        raise MediaError(f"{src}: cannot open ({e})") from e
+        raise MediaError(f"{src}: cannot open ({e.strerror or e})") from e
 
 
 def _name(src: MediaInput) -> str:
@@ -67,14 +92,37 @@ def decode_image(src: MediaInput) -> np.ndarray:
     """
     with _open_binary(src) as f:
         try:
-            image = Image.open(f)
+            with warnings.catch_warnings():  # Pillow warns about sizes that MAX_IMAGE_PIXELS refuses below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(f)
+        except UnidentifiedImageError:
+            raise MediaError(f"{_name(src)}: not a readable image (unknown format, or corrupt)") from None
+        except Image.DecompressionBombError:  # Pillow's own check, at twice MAX_IMAGE_PIXELS
+            raise MediaError(f"{_name(src)}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; "
+                             "downscale it first") from None
+        except Exception as e:  # a hostile file can make a decoder raise anything
+            raise MediaError(f"{_name(src)}: not a readable image ({_reason(e)})") from e
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise MediaError(f"{_name(src)}: image is larger than {MAX_IMAGE_PIXELS:,} pixels "
+                             f"({image.width}x{image.height}); downscale it first")
+        try:
             image.load()
             image = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise MediaError(f"{_name(src)}: not a readable image ({e})") from e
+        except Exception as e:
+            raise MediaError(f"{_name(src)}: not a readable image ({_reason(e)})") from e
     if image.mode in ("PA", "LA", "La", "RGBa"):  # alpha the official rule would drop: composite it too
         image = image.convert("RGBA")
+    elif image.mode in _SIXTEEN_BIT_GRAY:  # the official rule would clip: scale 0..65535 to 0..255
+        image = Image.fromarray(((np.asarray(image, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
     return image_to_rgb(image)  # the official rule: palette -> RGBA, RGBA on white, else RGB
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in a few words: FFmpeg's and the OS's own wording, else the exception."""
+    wording = getattr(error, "strerror", None)
+    if wording:
+        return str(wording)
+    return str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -104,11 +152,15 @@ def _video_container(src: MediaInput) -> Iterator[av.container.InputContainer]:
     with _open_binary(src) as f:
         try:
             container = av.open(f, "r")
-        except (av.FFmpegError, OSError, ValueError) as e:
-            raise MediaError(f"{_name(src)}: not a readable video ({e})") from e
+        except Exception as e:  # FFmpeg's errors, and anything a hostile file provokes in PyAV
+            raise MediaError(f"{_name(src)}: not a readable video ({_reason(e)})") from e
         with container:
             if not container.streams.video:
                 raise MediaError(f"{_name(src)}: no video stream")
+            stream = container.streams.video[0]
+            if stream.width * stream.height > MAX_VIDEO_FRAME_PIXELS:
+                raise MediaError(f"{_name(src)}: video frames of {stream.width}x{stream.height} pixels are "
+                                 f"larger than {MAX_VIDEO_FRAME_PIXELS:,} pixels; downscale it first")
             yield container
 
 
@@ -126,8 +178,6 @@ def probe_video(src: MediaInput) -> VideoInfo:
     video packets; the first frame is decoded to read the display matrix and to prove the stream
     decodes at all.
     """
-    import av
-
     with _video_container(src) as container:
         stream = container.streams.video[0]
         try:
@@ -137,8 +187,12 @@ def probe_video(src: MediaInput) -> VideoInfo:
             if count <= 0:
                 container.seek(0)
                 count = sum(1 for p in container.demux(stream) if p.size > 0)
-        except (av.FFmpegError, StopIteration) as e:
-            raise MediaError(f"{_name(src)}: video does not decode ({e or 'no frames'})") from e
+        except StopIteration:
+            raise MediaError(f"{_name(src)}: video does not decode (no frames)") from None
+        except MediaError:
+            raise
+        except Exception as e:
+            raise MediaError(f"{_name(src)}: video does not decode ({_reason(e)})") from e
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not rate:
             raise MediaError(f"{_name(src)}: video has no frame rate")
@@ -154,8 +208,6 @@ def decode_video(src: MediaInput, indices: Sequence[int] | None = None) -> np.nd
 
     Raises `MediaError` when the file is corrupt or ends before the last requested frame.
     """
-    import av
-
     wanted = None if indices is None else {int(i) for i in indices}
     if wanted is not None and (not wanted or min(wanted) < 0):
         raise ValueError(f"frame indices must be non-negative and non-empty, got {indices}")
@@ -175,8 +227,10 @@ def decode_video(src: MediaInput, indices: Sequence[int] | None = None) -> np.nd
                 decoded += 1
                 if last is not None and decoded > last:
                     break
-        except av.FFmpegError as e:
-            raise MediaError(f"{_name(src)}: video is corrupt ({e})") from e
+        except MediaError:
+            raise
+        except Exception as e:
+            raise MediaError(f"{_name(src)}: video is corrupt ({_reason(e)})") from e
     if decoded == 0:
         raise MediaError(f"{_name(src)}: video has no decodable frames")
     if last is not None and last >= decoded:

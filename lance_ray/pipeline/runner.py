@@ -74,21 +74,29 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     import ray
     from ray.data import DataContext
 
-    # Our own progress bar and summary replace Ray Data's per-operator log lines unless asked for.
+    # Our own progress bar and summary replace Ray Data's per-operator log lines unless asked for. A failed
+    # run is reported in one line by the command; without -v, neither Ray Data's error log (a full stack
+    # trace per failure) nor the workers' output forwarded to the driver (an actor that cannot load its
+    # checkpoint prints its traceback several times over) repeat it.
     DataContext.get_current().enable_progress_bars = verbose
-    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.CRITICAL)
     if ray.is_initialized():
         return
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.WARNING)  # "Started a local Ray instance." and the like
+        # Ray prints every failed attempt of a task it will retry, remote traceback included, on the
+        # driver's stdout; Ray Data retries its actors' calls without end, so one broken actor repeats it.
+        os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
     if address or os.environ.get("RAY_ADDRESS"):
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=verbose)
         except (ConnectionError, TimeoutError) as exc:
             where = address or os.environ["RAY_ADDRESS"]
             raise ClusterError(f"cannot connect to the Ray cluster at {where}: {exc} (is it running? "
                                "`ray status --address ...` on the head tells)") from exc
     else:
         # Logical CPUs above the core count keep GPU-less actors from starving the CPU stages.
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=verbose)
 
 
 def cluster_gpu_count() -> int:

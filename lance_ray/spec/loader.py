@@ -6,6 +6,9 @@ One pass, three sources of problems, all reported together in file order:
 3. `checks.job_problems`: rules that relate fields, on the same raw document (skipping any value
    pydantic already rejected, so one mistake is reported once).
 `JobSpecError` carries the list; its `str()` is one `file:line:col: message` line per problem.
+Nothing a job file holds makes loading raise anything else: see yaml_positions.py for the limits on
+nesting and aliases, templates.py for those on prompt templates; the file itself must be a regular
+file of at most MAX_JOB_FILE_BYTES, in UTF-8.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import difflib
 import glob
 import os
+import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,14 @@ from pydantic import BaseModel, ValidationError
 from lance_ray.errors import JobFileError
 from lance_ray.spec.checks import job_problems
 from lance_ray.spec.models import Job, is_uri
-from lance_ray.spec.yaml_positions import PositionMap, load_yaml
+from lance_ray.spec.yaml_positions import Mark, PositionMap, load_yaml, position_in
+
+MAX_JOB_FILE_BYTES = 16 * 2**20
+
+
+# Line breaks (as str.splitlines sees them) and other control characters a message may echo from the
+# job file: escaped, so that one problem is always one line.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,10 @@ class SpecProblem:
     line: int
     col: int
     message: str
+
+    def __post_init__(self) -> None:
+        one_line = _UNPRINTABLE.sub(lambda m: repr(m.group(0))[1:-1], self.message)
+        object.__setattr__(self, "message", one_line)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}: {self.message}"
@@ -56,13 +72,44 @@ def load_job(path: str | Path, env: Mapping[str, str] | None = None, *, check_pa
     validate/plan/run turn it on; a file can be valid where its inputs are not yet present).
     """
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise JobSpecError([SpecProblem(str(path), 1, 1, f"cannot read job file: {err}")]) from None
+    text = _read_job_file(file, str(path))
     job = load_job_text(text, str(path), file.resolve().parent, env, check_paths=check_paths)
     job._source_path = str(file.resolve())
     return job
+
+
+def _read_job_file(file: Path, name: str) -> str:
+    """The text of a job file: a regular file (not a FIFO, a device or a folder) of at most
+    MAX_JOB_FILE_BYTES, in UTF-8."""
+
+    def fail(message: str, where: Mark | None = None) -> JobSpecError:
+        where = where or Mark(1, 1)
+        return JobSpecError([SpecProblem(name, where.line, where.col, message)])
+
+    try:
+        # Checked before opening: opening a FIFO would wait for a writer, reading /dev/zero never ends.
+        mode = os.stat(file).st_mode
+        if not stat.S_ISREG(mode):
+            raise fail(f"cannot read job file: {'a directory' if stat.S_ISDIR(mode) else 'not a regular file'}")
+        with open(file, "rb") as f:
+            data = f.read(MAX_JOB_FILE_BYTES + 1)
+    except OSError as err:
+        raise fail(f"cannot read job file: {err.strerror or err}") from None
+    if len(data) > MAX_JOB_FILE_BYTES:
+        raise fail(_too_big())
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        good = data[: err.start].decode("utf-8")
+        where = position_in(good, len(good))
+        raise fail(f"the job file is not UTF-8 text (byte 0x{data[err.start]:02x})", where) from None
+
+
+def _too_big() -> str:
+    return (
+        f"the job file is larger than {MAX_JOB_FILE_BYTES // 2**20} MiB; put many inline rows in a JSONL, "
+        "CSV or Parquet file and give its path as input.path"
+    )
 
 
 def load_job_text(
@@ -74,6 +121,8 @@ def load_job_text(
     check_paths: bool = False,
 ) -> Job:
     """Like `load_job` for text; `filename` is used in messages, `base_dir` for relative paths (default: cwd)."""
+    if len(text) > MAX_JOB_FILE_BYTES:  # characters: at least as many bytes
+        raise JobSpecError([SpecProblem(filename, 1, 1, _too_big())])
     loaded = load_yaml(text, os.environ if env is None else env)
     positions = loaded.positions
 

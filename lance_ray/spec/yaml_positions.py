@@ -6,7 +6,13 @@ values from it, recording for every path (`("steps", 0, "params", "frames")`) th
 of its key and of its value.  While walking we also reject duplicate keys (PyYAML silently
 keeps the last one) and expand `${VAR}` / `${VAR:-default}` in string values.
 
-Nothing here knows about jobs: `spec.py` maps validation errors back through `PositionMap`.
+Hostile input gets a problem, never an exception or an unbounded cost: control characters, nesting
+deeper than `MAX_DEPTH` (checked while composing, before Python's recursion limit is near), and
+aliases that would expand the document by more than `MAX_ALIAS_VALUES` values (a "billion laughs"
+file of a few hundred bytes; its expanded size is counted on the composed node graph, where an alias
+is a shared node, so the count costs one visit per distinct node).
+
+Nothing here knows about jobs: `loader.py` maps validation errors back through `PositionMap`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+
+MAX_DEPTH = 64  # nested mappings/lists; a job file needs about 8, inline rows a few more
+MAX_ALIAS_VALUES = 100_000  # values aliases may add to the document when expanded
 
 # `$$` is an escaped dollar; `${NAME}` and `${NAME:-default}` are references; any other `${`
 # is a mistake we report rather than pass through silently.
@@ -90,23 +99,116 @@ def load_yaml(text: str, env: Mapping[str, str]) -> LoadedYaml:
     """Parse one YAML document; never raises for bad input, problems are returned instead."""
     positions = PositionMap()
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = _compose(text)
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = Mark.of(mark) if mark is not None else Mark(1, 1)
-        message = err.problem or err.context or "invalid YAML"
-        if err.context and err.problem and not err.context.startswith("while "):
-            message = f"{err.context}, {err.problem}"  # e.g. "expected a single document ..., but found ..."
-        lines = text.splitlines()
-        if where.line <= len(lines) and "${" in lines[where.line - 1]:
-            # `{` ends a plain scalar inside `{...}`, so `{steps: ${N}}` cannot parse.
-            message += " (inside {...} or [...] write ${VAR} references in quotes, or use block style)"
-        return LoadedYaml(None, positions, [(where, f"YAML syntax error: {message}")])
+        return LoadedYaml(None, positions, [_syntax_problem(err, text)])
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow (control characters, NUL)
+        where = position_in(text, err.position)
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        message = f"the job file contains the character U+{code:04X}, which YAML does not allow"
+        return LoadedYaml(None, positions, [(where, message)])
     if root is None:
         return LoadedYaml(None, positions, [(Mark(1, 1), "the job file is empty")])
+    bomb = _alias_bomb(root)
+    if bomb is not None:
+        return LoadedYaml(None, positions, [bomb])
     builder = _Builder(env, positions)
     data = builder.build(root, (), None)
+    if data is None and not builder.problems:  # `---`, `~`, `null`: a document that says nothing
+        builder.problems.append((Mark.of(root.start_mark), "the job file is empty"))
     return LoadedYaml(data, positions, builder.problems)
+
+
+def position_in(text: str, index: int) -> Mark:
+    """The line and column of character `index` of `text`."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return Mark(text.count("\n", 0, index) + 1, index - line_start + 1)
+
+
+class _TooDeep(yaml.composer.ComposerError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader's composer with a nesting limit: composing is recursive, so a file of a few KB of
+    `[[[[...` would otherwise end in RecursionError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _TooDeep(None, None, f"values are nested more than {MAX_DEPTH} levels deep", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _compose(text: str) -> Node | None:
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
+def _syntax_problem(err: yaml.MarkedYAMLError, text: str) -> tuple[Mark, str]:
+    mark = err.problem_mark or err.context_mark
+    where = Mark.of(mark) if mark is not None else Mark(1, 1)
+    if isinstance(err, _TooDeep):
+        return where, str(err.problem)
+    message = err.problem or err.context or "invalid YAML"
+    if err.context and err.problem and not err.context.startswith("while "):
+        message = f"{err.context}, {err.problem}"  # e.g. "expected a single document ..., but found ..."
+    lines = text.splitlines()
+    if where.line <= len(lines) and "${" in lines[where.line - 1]:
+        # `{` ends a plain scalar inside `{...}`, so `{steps: ${N}}` cannot parse.
+        message += " (inside {...} or [...] write ${VAR} references in quotes, or use block style)"
+    return where, f"YAML syntax error: {message}"
+
+
+def _alias_bomb(root: Node) -> tuple[Mark, str] | None:
+    """A problem when aliases would add more than MAX_ALIAS_VALUES values to the document.
+
+    An alias is the very node its anchor names, so the document is a graph whose expanded size is
+    one memoised walk away. The problem points at the anchor whose copies add the most values.
+    """
+    expanded: dict[int, int] = {}  # id(node) -> values in its expanded subtree
+    uses: dict[int, int] = {}
+    nodes: dict[int, Node] = {}
+    in_progress: set[int] = set()
+
+    def size(node: Node) -> int:
+        key = id(node)
+        uses[key] = uses.get(key, 0) + 1
+        if key in expanded:
+            return expanded[key]
+        if key in in_progress:  # an alias inside its own anchor: the builder reports it
+            return 1
+        in_progress.add(key)
+        total = 1
+        if isinstance(node, MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, SequenceNode):
+            total += sum(size(item) for item in node.value)
+        in_progress.discard(key)
+        expanded[key] = total
+        nodes[key] = node
+        return total
+
+    added = size(root) - len(expanded)
+    if added <= MAX_ALIAS_VALUES:
+        return None
+    worst = max((k for k in uses if uses[k] > 1), key=lambda k: expanded[k] * (uses[k] - 1))
+    message = (
+        f"aliases would expand this document by {added:,} values (at most {MAX_ALIAS_VALUES:,} are "
+        f"allowed); most come from the {uses[worst]:,} uses of the value anchored here"
+    )
+    return Mark.of(nodes[worst].start_mark), message
 
 
 class _Builder:
@@ -221,7 +323,14 @@ class _Builder:
             return self.constructor.construct_object(node, deep=True)
         except ConstructorError as err:
             self.problems.append((_mark_of(err, node), f"cannot read value: {err.problem}"))
-            return None
+        except Exception as err:  # 2024-13-45, an integer of 5000 digits, `!!int` on an empty value...
+            text = str(node.value) if isinstance(node, ScalarNode) else ""
+            shown = repr(text) if len(text) <= 40 else f"this value ({len(text):,} characters)"
+            # Python's own advice after the `;` is not for job files; PyYAML fails on '' with IndexError.
+            reason = str(err).split(";")[0] if text and isinstance(err, ValueError | OverflowError) else "invalid"
+            message = f"cannot read {shown} as {node.tag.rsplit(':', 1)[-1]}: {reason} (quote it to keep it text)"
+            self.problems.append((Mark.of(node.start_mark), message))
+        return None
 
 
 def _mark_of(err: ConstructorError, node: Node) -> Mark:
