@@ -4,8 +4,8 @@
 
 Per task (t2i 768², x2t_image 768² captions of 128 tokens) the job runs with `resources.gpus` = 1, then = N,
 each in its own `lance-ray run` (a fresh local Ray with N GPUs). Reported: steady rows/s (rows committed
-after the first part, over the time from the first part to the last: start-up and checkpoint load are
-left out), the ratio to one GPU, GPU busy % of every GPU during the steady window, and how long after the
+between 20% and 80% of all rows: start-up, checkpoint load and the pipeline's fill and drain are left
+out; bench_captions.steady_window), the ratio to one GPU, GPU busy % of every GPU during the steady window, and how long after the
 command started each GPU first became busy (all GPUs should start within one checkpoint load of each other).
 `--two-nodes` also starts two Ray nodes on this host (`ray start`, one GPU each) and submits the caption job
 to the head with `lance-ray submit --follow`, then checks the output holds every row exactly once.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_captions import GpuSampler, write_images
+from benchmarks.bench_captions import GpuSampler, steady_window, write_images
 
 
 def run_case(work: Path, name: str, job_text: str, gpus: int, address: str | None = None) -> dict:
@@ -50,13 +50,12 @@ def run_case(work: Path, name: str, job_text: str, gpus: int, address: str | Non
     parts = sorted((sampler.parts.get(p.name, ended), pq.ParquetFile(p).metadata.num_rows) for p in out.rglob("part-*.parquet"))
     times = np.array([t for t, _ in parts])
     counts = np.array([n for _, n in parts])
-    span = float(times[-1] - times[0]) if len(times) > 1 else 0.0
-    steady = (counts.sum() - counts[0]) / span if span > 0 else counts.sum() / (ended - started)
+    steady, window_start, window_end = steady_window(times, counts)
     per_gpu = {}
     for index in sorted({s[1] for s in sampler.samples}):
         samples = [s for s in sampler.samples if s[1] == index]
         busy_at = next((s[0] - started for s in samples if s[2] >= 50), None)
-        window = [s[2] for s in samples if times[0] <= s[0] <= times[-1]]
+        window = [s[2] for s in samples if window_start <= s[0] <= window_end]
         per_gpu[index] = {"busy_pct_steady": round(float(np.mean(window)), 1) if window else None,
                           "first_busy_s": round(busy_at, 1) if busy_at is not None else None}
     firsts = [g["first_busy_s"] for g in per_gpu.values() if g["first_busy_s"] is not None]
