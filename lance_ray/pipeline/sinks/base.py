@@ -134,7 +134,6 @@ class Sink(ABC):
 
     def _remove_manifest(self) -> None:
         storage.remove(self.manifest_uri)
-        storage.remove(storage.join_uri(self.uri, LEGACY_MANIFEST_NAME))
 
 
 def read_manifest(output_uri: str) -> dict[str, Any] | None:

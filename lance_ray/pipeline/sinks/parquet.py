@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import io
 import posixpath
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lance_ray.io import storage
-from lance_ray.pipeline.sinks.base import EncodedMedia, OutputRow, conform, output_table
+from lance_ray.pipeline.sinks.base import LEGACY_MANIFEST_NAME, EncodedMedia, OutputRow, conform, output_table
 from lance_ray.pipeline.sinks.parts import Part, PartSink
 
 MEDIA_DIR = "__media__"
@@ -104,8 +105,15 @@ class ParquetSink(PartSink):
     def _own_dirs(self) -> list[str]:
         return [*super()._own_dirs(), self.media_dir_uri, storage.join_uri(self.uri, LEGACY_MEDIA_DIR)]
 
+    def commit(self, summary: dict[str, Any]) -> dict[str, Any]:
+        manifest = super().commit(summary)
+        # Earlier versions kept the manifest beside the parts, where folder readers trip on it.
+        storage.remove(storage.join_uri(self.uri, LEGACY_MANIFEST_NAME))
+        return manifest
+
     def reset(self) -> None:
         super().reset()
+        storage.remove(storage.join_uri(self.uri, LEGACY_MANIFEST_NAME))
         storage.remove_empty_dir(self.media_dir_uri)
         storage.remove_empty_dir(storage.join_uri(self.uri, LEGACY_MEDIA_DIR))
 
