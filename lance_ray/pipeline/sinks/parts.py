@@ -53,7 +53,8 @@ class PartSink(Sink):
 
     def __init__(self, uri: str, step: str):
         super().__init__(uri, step)
-        # Driver only (dropped when pickled): the parts present when the step started, and their index.
+        # Driver only (dropped when pickled): the parts present when the step started, and their index as
+        # `prepare` left it (reused by the one `committed_ids` call that follows, unless this object wrote since).
         self._started_with: set[str] | None = None
         self._index_cache: list[Part] | None = None
 
@@ -100,6 +101,7 @@ class PartSink(Sink):
         if len(set(ids)) != len(ids):
             raise ValueError("write_part: duplicate row ids in one batch")
         data = self._encode(rows)
+        self._index_cache = None
         storage.write_bytes_atomic(self.part_uri(ids), data)
 
     def part_uri(self, row_ids: Iterable[str], salt: str = "") -> str:
@@ -115,7 +117,7 @@ class PartSink(Sink):
 
     def committed_ids(self, include_errors: bool = True) -> set[str]:
         parts = self._index_cache if self._index_cache is not None else self._index()
-        self._index_cache = None  # good for the one call right after `prepare`; parts change as the step runs
+        self._index_cache = None  # parts change as the step runs: only the call right after `prepare` reuses it
         latest: dict[str, str | None] = {}
         for part in _oldest_first(parts, self._started_with):
             latest.update(part.rows)
