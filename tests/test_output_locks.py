@@ -119,6 +119,8 @@ def test_s3_heartbeat_keeps_the_lock_fresh(s3_output: str, monkeypatch: pytest.M
 def test_s3_two_runs_taking_over_one_stale_lock_cannot_both_win(s3_output: str, monkeypatch) -> None:
     lock_uri = OutputLock(s3_output, "x").uri
     storage.write_bytes_atomic(lock_uri, json.dumps({"run_id": "dead", "host": "gone", "heartbeat_at": 0}).encode())
+    monkeypatch.setattr(lock_module, "STALE_AFTER_S", 60.0)
+    monkeypatch.setattr(storage, "modified_at", lambda entry: 0.0)  # last written long ago: stale
     slow, fast = OutputLock(s3_output, "slow"), OutputLock(s3_output, "fast")
     read = OutputLock._read_s3
 
@@ -132,6 +134,8 @@ def test_s3_two_runs_taking_over_one_stale_lock_cannot_both_win(s3_output: str, 
     try:
         with pytest.raises(OutputLocked, match="run fast"):
             slow.acquire()
+        assert json.loads(storage.read_bytes(lock_uri))["run_id"] == "fast"
+        slow.release()  # never held: must not remove fast's lock
         assert json.loads(storage.read_bytes(lock_uri))["run_id"] == "fast"
     finally:
         fast.release()

@@ -47,6 +47,7 @@ class OutputLock:
         self._etag: str | None = None  # S3: the ETag of our lock object
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._held = False
 
     def owner(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
@@ -59,8 +60,13 @@ class OutputLock:
             self._acquire_s3()
         else:
             self._acquire_checked()
+        self._held = True
 
     def release(self) -> None:
+        """Let go of a lock this object holds (a lock it never got is left alone)."""
+        if not self._held:
+            return
+        self._held = False
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
@@ -76,7 +82,7 @@ class OutputLock:
             with contextlib.suppress(OSError):  # taken over meanwhile: that run's lock stays
                 fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self._etag)
             self._etag = None
-        elif not storage.is_local(self.uri):
+        else:
             storage.remove(self.uri)
 
     # -- local ------------------------------------------------------------------------------------------
