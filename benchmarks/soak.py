@@ -16,6 +16,7 @@ rows failed, a manifest per step, no temp files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -72,10 +73,8 @@ def start_run(job: Path, retry_failed: bool, env: dict[str, str]) -> subprocess.
 
 
 def kill_session(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
     deadline = time.time() + 60
     while time.time() < deadline:  # Ray's processes of that session are gone too before the next run

@@ -251,8 +251,8 @@ def exists(uri: str) -> bool:
     return retrying(lambda: fs.exists(path), f"checking {uri}")
 
 
-def list_files(uri: str) -> list[dict]:
-    """The files directly in a folder/prefix (fsspec `ls` entries with `name`, `size`, a modification
+def list_entries(uri: str) -> list[dict]:
+    """What is directly in a folder/prefix (fsspec `ls` entries with `name`, `type`, `size`, a modification
     time), never a cached listing; [] when it does not exist."""
     fs, path = filesystem_for(uri)
     _invalidate(fs, path)
@@ -263,7 +263,12 @@ def list_files(uri: str) -> list[dict]:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    return [e for e in retrying(listing, f"listing {uri}") if e["type"] == "file"]
+    return retrying(listing, f"listing {uri}")
+
+
+def list_files(uri: str) -> list[dict]:
+    """The files directly in a folder/prefix (see `list_entries`)."""
+    return [e for e in list_entries(uri) if e["type"] == "file"]
 
 
 def modified_at(entry: dict) -> float:

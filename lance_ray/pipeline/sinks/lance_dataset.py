@@ -103,6 +103,9 @@ class LanceSink(Sink):
     def prepare(self) -> None:
         dataset = open_dataset(self.uri)
         if dataset is None:
+            if any(e["name"].rstrip("/").rsplit("/", 1)[-1] != BOOKKEEPING_DIR for e in storage.list_entries(self.uri)):
+                raise RunError(f"{self.uri} holds files but no Lance dataset; lance-ray creates a Lance dataset only "
+                               "in a new or empty folder")
             _lance().write_dataset(LANCE_SCHEMA.empty_table(), self.uri, schema=LANCE_SCHEMA, mode="create",
                                    storage_options=storage_options(self.uri))
         elif not _owned(dataset):
@@ -127,8 +130,9 @@ class LanceSink(Sink):
         self._remove_manifest()
 
     def _settle(self) -> dict[str, Any]:
-        errors = self._table(["error"]).column("error").to_pylist() if open_dataset(self.uri) else []
+        """Nothing to settle (an upsert never holds a row twice): the counts, and the version they are of."""
         dataset = open_dataset(self.uri)
+        errors = dataset.to_table(columns=["error"]).column("error").to_pylist() if dataset else []
         return {**error_counts(errors), "version": dataset.version if dataset else None}
 
     def _table(self, columns: list[str]) -> pa.Table:

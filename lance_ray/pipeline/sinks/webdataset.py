@@ -27,6 +27,7 @@ import pyarrow as pa
 from lance_ray.io import storage
 from lance_ray.pipeline.sinks.base import OutputRow, conform, output_table
 from lance_ray.pipeline.sinks.parts import PartSink
+from lance_ray.spec.rows import OUTPUT_SCHEMA
 
 
 class WebDatasetSink(PartSink):
@@ -41,7 +42,7 @@ class WebDatasetSink(PartSink):
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for row in rows:
                 key = storage.file_stem(row.row_id, dots=False)
-                values = {**row.values, "media_uri": None, "turn_media_uris": None}
+                values = {**{name: row.values.get(name) for name in OUTPUT_SCHEMA.names}, "media_uri": None}
                 members = [(f"{key}.json", json.dumps(values, default=_json_default, sort_keys=True).encode())]
                 text = values.get("text") or values.get("prompt")
                 if text:
