@@ -275,3 +275,22 @@ def test_a_second_run_of_an_output_refuses_while_the_first_holds_it(tmp_path: Pa
     finally:
         holder.release()
     assert run_job(_job(tmp_path, body), progress=False).steps[0].ok == 1
+
+
+def test_the_output_rules_hold_for_outputs_moved_on_the_command_line(tmp_path: Path) -> None:
+    """`lance-ray run --output` replaces the root after validation: the rules are checked again, before Ray."""
+    from lance_ray.errors import JobFileError
+    from lance_ray.pipeline.runner import check_outputs
+
+    (tmp_path / "images").mkdir()
+    job = _job(tmp_path, f"""
+        steps:
+          - name: caption
+            task: x2t_image
+            input: {{path: {tmp_path / 'images'}, prompt: "Describe it."}}
+        """)
+    check_outputs(job)
+    for output, message in ((str(tmp_path / "images" / "out"), "inside the input folder"),
+                            ("memory://results", "does not persist")):
+        with pytest.raises(JobFileError, match=message):
+            run_job(job.model_copy(update={"output": output}), progress=False)

@@ -336,6 +336,7 @@ def run_job(
 
     The Ray cluster: `address`, else the job file's `ray.address`, else $RAY_ADDRESS, else a local Ray.
     """
+    check_outputs(job)  # before Ray starts: `--output` may have moved the outputs somewhere they cannot be
     check_local_models(job)
     init_ray(address or job.ray.address, verbose)
     row_counts = count_rows(job)
