@@ -124,7 +124,7 @@ class PartSink(Sink):
         return {row_id for row_id, error in latest.items() if include_errors or error is None}
 
     def read(self) -> pa.Table:
-        parts = _oldest_first(self._index(), self._started_with)
+        parts = _oldest_first(self._list_parts(), self._started_with)
         tables = [self._read_table(storage.read_bytes(part.uri)) for part in parts]
         table = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
         return self._resolve_media(_keep_last(table))
