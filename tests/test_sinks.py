@@ -229,7 +229,7 @@ def test_a_run_killed_mid_settle_is_settled_by_the_next(tmp_path: Path) -> None:
     # and a copy left by a crash between writing the settled part and removing the old one:
     settled = ParquetSink(str(tmp_path), "gen")
     (kept,) = [p for p in tmp_path.glob("part-*.parquet") if "b" in pq.read_table(p).column("row_id").to_pylist()]
-    (tmp_path / "part-0000000000000000dupe.parquet").write_bytes(kept.read_bytes())
+    (tmp_path / "part-00000000000000000001.parquet").write_bytes(kept.read_bytes())
     settled.prepare()
     assert ids_seen_by_pandas(tmp_path) == ["a", "b", "c"]
 
@@ -263,6 +263,8 @@ def test_overwrite_removes_only_what_lance_ray_wrote(tmp_path: Path) -> None:
     (out / "__media__").mkdir()
     (out / "__media__" / "mine.png").write_bytes(b"the user's, in our folder")
     (out / "notes.txt").write_text("mine")
+    theirs = pa.Table.from_pylist([{"id": 1}])
+    pq.write_table(theirs, out / "part-00000-5e1f.snappy.parquet")  # a Parquet part of the user's own
     sink = ParquetSink(str(out), "gen")
     sink.prepare()
     sink.write_part([out_row("a", PNG, turns=[PNG]), out_row("b", error="bad")])
@@ -277,7 +279,7 @@ def test_overwrite_removes_only_what_lance_ray_wrote(tmp_path: Path) -> None:
 
     sink.reset()
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "__media__/mine.png", "media/holiday.jpg", "notes.txt"]
+        "__media__/mine.png", "media/holiday.jpg", "notes.txt", "part-00000-5e1f.snappy.parquet"]
     assert sink.committed_ids() == set() and read_manifest(str(out)) is None
     ParquetSink(str(tmp_path / "never-written"), "gen").reset()  # nothing to do
 

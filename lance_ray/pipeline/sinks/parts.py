@@ -16,6 +16,7 @@ reader.
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -146,11 +147,12 @@ class PartSink(Sink):
     # -- parts --------------------------------------------------------------------------------------------
 
     def _list_parts(self) -> list[Part]:
+        """This sink's parts: exactly the names `part_name` makes (a user's `part-00000-….parquet` is not one)."""
+        pattern = re.compile(re.escape(self.prefix) + r"[0-9a-f]{20}" + re.escape(self.suffix))
         return [
             Part(storage.join_uri(self.uri, name), name, storage.modified_at(entry))
             for entry in storage.list_files(self.uri)
-            if (name := entry["name"].rstrip("/").rsplit("/", 1)[-1]).startswith(self.prefix)
-            and name.endswith(self.suffix)
+            if pattern.fullmatch(name := entry["name"].rstrip("/").rsplit("/", 1)[-1])
         ]
 
     def _index(self) -> list[Part]:
