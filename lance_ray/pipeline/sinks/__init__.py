@@ -46,6 +46,11 @@ def open_sink(uri: str, step: str, format: str = "parquet", merge_into: bool = F
     return SINKS[format](uri, step)
 
 
+def write_part(output_uri: str, rows: list[dict]) -> None:
+    """Commit output rows given as dicts (no media) as one part of a Parquet step output."""
+    ParquetSink(output_uri, "").write_part([OutputRow(row) for row in rows])
+
+
 def committed_row_ids(output_uri: str, include_errors: bool = True) -> set[str]:
     """Row ids committed to a Parquet step output (see `Sink.committed_ids`)."""
     return ParquetSink(output_uri, "").committed_ids(include_errors)
@@ -60,5 +65,5 @@ def read_step_output(output_uri: str) -> pa.Table:
 __all__ = [
     "BOOKKEEPING_DIR", "MANIFEST_NAME", "MEDIA_DIR", "SINKS", "EncodedMedia", "LanceMergeSink", "LanceSink",
     "OutputLocked", "OutputRow", "ParquetSink", "Sink", "WebDatasetSink", "committed_row_ids", "locked_outputs", "open_sink",
-    "output_table", "part_name", "read_manifest", "read_step_output",
+    "output_table", "part_name", "read_manifest", "read_step_output", "write_part",
 ]
