@@ -128,6 +128,7 @@ def soak(kills: int, backend: str = "debug", rows: int = 120, failing: int = 3, 
     t0 = time.time()
     _, err = proc.communicate(timeout=1800)
     full_run_s = time.time() - t0
+    print(f"uninterrupted run: {full_run_s:.1f}s", file=sys.stderr, flush=True)
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"the uninterrupted run failed ({proc.returncode}):\n{err[-3000:]}")
 
@@ -150,6 +151,7 @@ def soak(kills: int, backend: str = "debug", rows: int = 120, failing: int = 3, 
         kill_session(proc)
         torn += unreadable_parts(out)
         kill_log.append({"after_s": round(delay, 2), "retry_failed": retry, "parts_at_kill": committed_before})
+        print(f"kill {len(kill_log)}/{kills} after {delay:.1f}s ({committed_before} parts)", file=sys.stderr, flush=True)
 
     proc = start_run(job, False, env)
     _, err = proc.communicate(timeout=1800)
