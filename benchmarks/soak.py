@@ -99,6 +99,9 @@ def check(out: Path, rows: int, failing: int) -> dict:
     expected = {f"r{i:04d}" for i in range(rows)} | {f"bad{i}" for i in range(failing)}
     result: dict = {}
     for step, ids in (("gen", expected), ("cap", {i for i in expected if i.startswith("r")})):
+        if not list((out / step).glob("part-*.parquet")):
+            result[step] = {"rows": 0, "lost": len(ids)}
+            continue
         table = pd.read_parquet(out / step)
         seen = list(table["row_id"])
         failed = set(table.loc[table["error"].notna(), "row_id"])
@@ -134,34 +137,41 @@ def soak(kills: int, backend: str = "debug", rows: int = 120, failing: int = 3, 
 
     job = write_job(root, backend, rows, failing)
     out = root / "out"
-    kill_log, runs, finished_early, torn = [], 0, 0, 0
+    kill_log: list[dict] = []
+    finished_early: list[dict] = []
+    runs = torn = 0
     while len(kill_log) < kills:
         retry = runs % 2 == 1
         delay = rng.uniform(0.0, full_run_s)
         proc = start_run(job, retry, env)
         runs += 1
         try:
-            proc.wait(timeout=delay)
-            finished_early += 1  # it finished before its kill: start over from an empty output
-            shutil.rmtree(out)
-            continue
+            _, err = proc.communicate(timeout=delay)
         except subprocess.TimeoutExpired:
             pass
+        else:  # it ended before its kill: note how, and start over from an empty output
+            finished_early.append({"exit": proc.returncode, "stderr_tail": err[-1500:] if proc.returncode > 1 else ""})
+            shutil.rmtree(out, ignore_errors=True)
+            continue
         committed_before = sum(1 for _ in out.rglob("part-*.parquet"))
         kill_session(proc)
         torn += unreadable_parts(out)
         kill_log.append({"after_s": round(delay, 2), "retry_failed": retry, "parts_at_kill": committed_before})
         print(f"kill {len(kill_log)}/{kills} after {delay:.1f}s ({committed_before} parts)", file=sys.stderr, flush=True)
 
-    proc = start_run(job, False, env)
-    _, err = proc.communicate(timeout=1800)
-    final_exit = proc.returncode
+    final_exits, err = [], ""
+    for _ in range(3):  # the final run must go through; a run that fails to start Ray is tried again
+        proc = start_run(job, False, env)
+        _, err = proc.communicate(timeout=1800)
+        final_exits.append(proc.returncode)
+        if proc.returncode in (0, 1):
+            break
     return {
         "backend": backend, "rows": rows + failing, "failing_rows": failing, "seed": seed,
         "uninterrupted_run_s": round(full_run_s, 1), "kills": len(kill_log), "runs_started": runs + 1,
-        "runs_that_finished_before_their_kill": finished_early, "unreadable_parts_after_kills": torn,
-        "final_exit": final_exit, "check": check(out, rows, failing), "wall_s": round(time.time() - started, 1),
-        "kill_log": kill_log, "final_stderr_tail": err[-2000:] if final_exit not in (0, 1) else "",
+        "runs_that_ended_before_their_kill": finished_early, "unreadable_parts_after_kills": torn,
+        "final_exits": final_exits, "check": check(out, rows, failing), "wall_s": round(time.time() - started, 1),
+        "kill_log": kill_log, "final_stderr_tail": err[-2000:] if final_exits[-1] not in (0, 1) else "",
     }
 
 
