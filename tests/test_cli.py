@@ -227,7 +227,7 @@ def test_killed_run_resumes_to_exactly_once(tmp_path: Path) -> None:
 
     on_disk = [rid for part in out_dir.glob("part-*.parquet") for rid in pq.read_table(part).column("row_id").to_pylist()]
     assert len(on_disk) == rows
-    media = list((out_dir / "media").glob("*.png"))
+    media = list((out_dir / "__media__").glob("*.png"))
     assert len(media) == rows
     assert not list(out_dir.rglob("*.tmp*"))
 

@@ -209,10 +209,9 @@ steps:
     assert sorted(Path(r["image"]).name for r in captions) == ["sunset_320x240.jpg", "tower_240x320.jpg"]
     assert all(r["image"].startswith("s3://") for r in captions)
     edits = read_step_output("s3://lance-out/run1/edits").to_pylist()
-    assert edits[0]["media_uri"].startswith("s3://lance-out/run1/edits/media/")
+    assert edits[0]["media_uri"].startswith("s3://lance-out/run1/edits/__media__/")
     assert media.decode_image(edits[0]["media_uri"]).shape == (256, 256, 3)
-    listing = fs.ls("lance-out/run1/captions")
-    assert any(p.endswith("_manifest.json") for p in listing)
+    assert read_manifest("s3://lance-out/run1/captions")["rows_ok"] == 2
     assert not [p for p in fs.find("lance-out") if ".tmp" in p]  # no temp objects left behind
 
 

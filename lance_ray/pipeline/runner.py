@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from lance_ray.errors import ClusterError, LanceRayError, RunError
+from lance_ray.errors import ClusterError, JobFileError, LanceRayError, RunError
 from lance_ray.io import storage
 from lance_ray.pipeline import sinks, sources
 from lance_ray.pipeline.planner import Group, Plan, PlannedStep, make_plan, runs_side_by_side
 from lance_ray.pipeline.worker import LanceWorker, StepContext, finish_rows, prepare_rows
 from lance_ray.spec import Job, Step
+from lance_ray.spec.checks import output_path_problems
 
 if TYPE_CHECKING:
     import ray.data
@@ -114,6 +115,7 @@ def _step_context(job: Job, planned: PlannedStep, on_gpu: bool) -> StepContext:
         params=params,
         settings=step.spec.settings(params),
         output_uri=step.output_path(job),
+        sink=sinks.open_sink(step.output_path(job), step.name, step.output.format, step.output.merge_into),
         video_codec=step.output.video_codec,
         turns=tuple(step.turns or ()),
         timeout_s=planned.timeout_s(on_gpu),
@@ -133,17 +135,22 @@ class JobRunner:
         self.summary = RunSummary(job=job.name, run_id=run_id or new_run_id())
         self.summary.events_uri = storage.join_uri(job.output, "_runs", self.summary.run_id)
         self._lock = threading.Lock()
+        self._sinks: dict[str, sinks.Sink] = {}  # step name -> its sink, opened by _open_step
         self._cancelled = threading.Event()  # set when a group fails: its siblings stop at their next batch
 
     def run(self, plan: Plan) -> RunSummary:
-        """Runs every wave; raises `RunError` (committed rows are kept) when a checkpoint group fails."""
+        """Runs every wave; raises `RunError` (committed rows are kept) when a checkpoint group fails, and
+        `OutputLocked` when another run is writing one of the job's outputs."""
         started = time.perf_counter()
-        for wave in plan.waves:
-            if runs_side_by_side(wave, plan.cluster_gpus) and len(wave.groups) > 1:
-                self._run_side_by_side(wave.groups)
-            else:
-                for group in wave.groups:
-                    self.run_group(group)
+        check_outputs(self.job)
+        outputs = [step.output_path(self.job) for step in self.job.steps]
+        with sinks.locked_outputs(outputs, self.summary.run_id):
+            for wave in plan.waves:
+                if runs_side_by_side(wave, plan.cluster_gpus) and len(wave.groups) > 1:
+                    self._run_side_by_side(wave.groups)
+                else:
+                    for group in wave.groups:
+                        self.run_group(group)
         self.summary.elapsed_s = round(time.perf_counter() - started, 3)
         return self.summary
 
@@ -185,6 +192,8 @@ class JobRunner:
             self.summary.steps.extend(summaries.values())
         if not datasets:
             log.info("group %s: every row already committed, nothing to run", group.family)
+            for summary in summaries.values():  # a run killed before its manifests gets them now
+                self._write_manifest(summary, group)
             return
         started = time.perf_counter()
         ds = self._pipeline(group, datasets, contexts, pending=sum(s.rows - s.skipped for s in summaries.values()))
@@ -199,10 +208,10 @@ class JobRunner:
         """A step's rows still to do, as a Dataset (None when every row is already committed)."""
         job = self.job
         summary = StepSummary(step.name, step.task, ctx.output_uri)
+        self._sinks[step.name] = ctx.sink
         if self.overwrite:
-            sinks.reset(ctx.output_uri)
-        if storage.remove_stale_temp_files(ctx.output_uri):
-            log.info("%s: removed partial files of an interrupted run", ctx.output_uri)
+            ctx.sink.reset()
+        ctx.sink.prepare()  # clean up after killed writers; every committed row held once
         upstream = (
             {step.input.from_step: job.step(step.input.from_step).output_path(job)}
             if step.input.from_step
@@ -210,7 +219,7 @@ class JobRunner:
         )
         source = sources.open_source(step, job, upstream)
         # Failed rows count as done unless asked to retry them; a retried row's newest part wins.
-        committed = sinks.committed_row_ids(ctx.output_uri, include_errors=not self.retry_failed)
+        committed = ctx.sink.committed_ids(include_errors=not self.retry_failed)
         if committed:  # only a resumed step needs its ids in the driver
             row_ids = [row["row_id"] for row in source.iter_rows()]
             summary.rows = len(row_ids)
@@ -279,8 +288,8 @@ class JobRunner:
         return True
 
     def _write_manifest(self, summary: StepSummary, group: Group) -> None:
-        sinks.write_manifest(
-            summary.output,
+        """Settle the step's output (each row once, for every reader), then write its manifest."""
+        self._sinks[summary.name].commit(
             {
                 "step": summary.name,
                 "task": summary.task,
@@ -294,6 +303,14 @@ class JobRunner:
                 "finished_at": datetime.now(timezone.utc).isoformat(),
             },
         )
+
+
+def check_outputs(job: Job) -> None:
+    """The output rules of `validate`, again on the job as it runs (`--output` may have moved the outputs)."""
+    problems = [storage.output_location_problem(step.output_path(job)) for step in job.steps]
+    messages = [p for p in problems if p] + [p.message for p in output_path_problems(job)]
+    if messages:
+        raise JobFileError("\n".join(dict.fromkeys(messages)))
 
 
 def _block_count(rows: int, batch_size: int, actors: int) -> int:
@@ -333,6 +350,7 @@ def run_job(
 
     The Ray cluster: `address`, else the job file's `ray.address`, else $RAY_ADDRESS, else a local Ray.
     """
+    check_outputs(job)  # before Ray starts: `--output` may have moved the outputs somewhere they cannot be
     check_local_models(job)
     init_ray(address or job.ray.address, verbose)
     row_counts = count_rows(job)

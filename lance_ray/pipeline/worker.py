@@ -2,7 +2,7 @@
 
     prepare_rows   CPU tasks   decode input media (official frame sampling), fix each row's seed
     LanceWorker    actor pool  loads the family's checkpoint once; sub-batches rows by step
-    finish_rows    CPU tasks   encode PNG/MP4, write media files, write the step's Parquet part
+    finish_rows    CPU tasks   encode PNG/MP4, commit rows and media to the step's sink
 
 A row that goes wrong at any stage keeps going with `error` set, so it is still written (and counted)
 instead of failing the job. Batches travel as Arrow tables in the schemas of `lance_ray.spec.rows`.
@@ -31,8 +31,8 @@ from lance_ray.models.lance import (
     resize_for_understanding,
     sample_frame_indices,
 )
-from lance_ray.pipeline import sinks
 from lance_ray.pipeline.backends import TaskInput, TaskOutput, load_backend
+from lance_ray.pipeline.sinks import EncodedMedia, OutputRow, Sink
 from lance_ray.pipeline.watchdog import Watchdog
 from lance_ray.spec import ModelRef, Params
 from lance_ray.spec.rows import (
@@ -54,6 +54,7 @@ class StepContext:
     params: Params  # effective params (task defaults applied): written with every output row
     settings: DecodeSettings | GenerationSettings  # what the model takes, built once from `params`
     output_uri: str
+    sink: Sink  # where finish_rows commits the step's rows (format per `output.format`)
     video_codec: str = "h264"
     turns: tuple[str, ...] = ()
     timeout_s: float | None = None  # deadline of one model call (the watchdog's)
@@ -249,7 +250,7 @@ class LanceWorker:
 
 
 def _output_row(row: Row, ctx: StepContext) -> dict:
-    """A row of the step's Parquet dataset (`rows.OUTPUT_SCHEMA`), media columns still unset."""
+    """A row of the step's output (`rows.OUTPUT_SCHEMA`); the sink fills in where its media went."""
     params = ctx.params.model_dump(mode="json", exclude_none=True)
     if row.max_new_tokens_override is not None:  # the cap this row was decoded with
         params["max_new_tokens"] = row.max_new_tokens_override
@@ -273,46 +274,43 @@ def _output_row(row: Row, ctx: StepContext) -> dict:
     }
 
 
-def _write_pixels(ctx: StepContext, name: str, pixels: np.ndarray) -> dict:
-    """Encodes one result (PNG for [H, W, 3], MP4/MKV for [T, H, W, 3]) and writes it under the step's media."""
+def _encode_pixels(ctx: StepContext, pixels: np.ndarray) -> tuple[EncodedMedia, dict]:
+    """One result encoded (PNG for [H, W, 3], MP4/MKV for [T, H, W, 3]) and its size columns."""
     if pixels.ndim == 3:
-        uri = sinks.write_media(ctx.output_uri, name, media.encode_png(pixels), "png")
-        return {"media_uri": uri, "height": pixels.shape[0], "width": pixels.shape[1], "frames": 1, "fps": None}
+        sizes = {"height": pixels.shape[0], "width": pixels.shape[1], "frames": 1, "fps": None}
+        return EncodedMedia(media.encode_png(pixels), "png"), sizes
     data, ext = media.encode_video(pixels, ctx.params.fps, ctx.video_codec)
-    uri = sinks.write_media(ctx.output_uri, name, data, ext)
-    return {
-        "media_uri": uri,
-        "frames": pixels.shape[0],
-        "height": pixels.shape[1],
-        "width": pixels.shape[2],
-        "fps": ctx.params.fps,
-    }
+    sizes = {"frames": pixels.shape[0], "height": pixels.shape[1], "width": pixels.shape[2], "fps": ctx.params.fps}
+    return EncodedMedia(data, ext), sizes
 
 
-def _write_result_media(row: Row, ctx: StepContext, out: dict) -> None:
-    out.update(_write_pixels(ctx, row.row_id, row.result_array()))
-    turn_uris = [
-        _write_pixels(ctx, f"{row.row_id}-turn{index + 1}", pixels)["media_uri"]
-        for index, pixels in enumerate(row.turn_arrays())
-    ]
-    if ctx.turns:  # every turn's output, the last being the row's result
-        out["turn_media_uris"] = turn_uris + [out["media_uri"]]
+def _encode_result_media(row: Row, ctx: StepContext, out: dict) -> OutputRow:
+    """The row with its result encoded, and every earlier turn's for a multi-turn edit; the sink writes them."""
+    result, sizes = _encode_pixels(ctx, row.result_array())
+    out.update(sizes)
+    turns = [_encode_pixels(ctx, pixels)[0] for pixels in row.turn_arrays()] if ctx.turns else None
+    return OutputRow(out, result, turns)
 
 
 def finish_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
-    """CPU stage: encode and write media, then commit each step's rows as one atomic Parquet part."""
-    by_step: dict[str, list[dict]] = defaultdict(list)
+    """CPU stage: encode media, then commit each step's rows (and media) as one atomic part of its sink.
+
+    A row whose media cannot be encoded becomes an error row; a sink that cannot write raises (after
+    its own retries), as storage trouble is not the row's fault: the batch fails and nothing of it is
+    committed."""
+    by_step: dict[str, list[OutputRow]] = defaultdict(list)
     for row in rows_from_table(batch):
         ctx = steps[row.step]
         out = _output_row(row, ctx)
+        output = OutputRow(out)
         if not out["error"] and ctx.task.output != "text":
             try:
-                _write_result_media(row, ctx, out)
+                output = _encode_result_media(row, ctx, out)
             except Exception as exc:
                 out["error"] = _error_text(exc)
-        by_step[ctx.name].append(out)
+        by_step[ctx.name].append(output)
     committed = []
     for step_name, outputs in by_step.items():
-        sinks.write_part(steps[step_name].output_uri, outputs)
-        committed.extend({"step": step_name, "row_id": r["row_id"], "error": r["error"]} for r in outputs)
+        steps[step_name].sink.write_part(outputs)
+        committed.extend({"step": step_name, "row_id": o.row_id, "error": o.values["error"]} for o in outputs)
     return pa.Table.from_pylist(committed, schema=COMMIT_SCHEMA)

@@ -12,10 +12,16 @@ into `file:line:col`, and `Job` (built from Python data) turns them into one mes
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import os
+import posixpath
+import re
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lance_ray.models.lance import PRESETS, PROMPT_COLUMNS, TASKS, Params, TaskSpec, presets_of
 from lance_ray.spec.templates import prompt_template_columns
+
+if TYPE_CHECKING:
+    from lance_ray.spec.models import Job
 
 _INPUT_KINDS = ("rows", "path", "from_step")
 
@@ -42,6 +48,7 @@ def job_problems(data: Any) -> list[Problem]:
             problems += [p.under("steps", i) for p in _step_problems(raw)]
     problems += _defaults_problems(_dict(data.get("defaults")), raw_steps)
     problems += [p.under("steps") for p in _graph_problems(raw_steps)]
+    problems += [p.under("steps") for p in _output_format_problems(raw_steps)]
     return problems
 
 
@@ -229,3 +236,125 @@ def _cycle_through(steps: list[Any], index: dict[str, int], start: int) -> list[
         if current == start:
             return names
     return []
+
+
+# -- outputs -----------------------------------------------------------------------------------------------
+
+
+def _output_format(raw_step: Any) -> tuple[str, bool]:
+    """(format, merge_into) of a raw step's output; the defaults where it does not say."""
+    output = _dict(_dict(raw_step).get("output"))
+    fmt = output.get("format", "parquet")
+    return (fmt if isinstance(fmt, str) else "parquet"), output.get("merge_into") is True
+
+
+def _output_format_problems(steps: list[Any]) -> list[Problem]:
+    """merge_into only for steps that write text; from_step reads only Parquet outputs (the only format
+    whose media are files a later step can open, and whose rows are the step's own)."""
+    problems: list[Problem] = []
+    index = {raw["name"]: i for i, raw in enumerate(steps) if isinstance(raw, dict) and isinstance(raw.get("name"), str)}
+    for i, raw in enumerate(steps):
+        task = _task(_dict(raw))
+        if task is not None and _output_format(raw)[1] and task.output != "text":
+            message = (f"merge_into adds text columns to a Lance dataset; task {task.name} writes "
+                       f"{_a(task.output)}: give it its own output (format: lance without merge_into)")
+            problems.append(Problem((i, "output", "merge_into"), message))
+        ref = _from_step(raw)
+        if ref in index and index[ref] < i:
+            fmt, merge = _output_format(steps[index[ref]])
+            if fmt != "parquet" or merge:
+                written = "columns merged into a Lance dataset" if merge else f"format {fmt}"
+                message = (f"from_step reads Parquet outputs only; step '{ref}' writes {written}: let it write "
+                           "Parquet (the default) and add a later step for the other format")
+                problems.append(Problem((i, "input", "from_step"), message))
+    return problems
+
+
+_GLOB_MAGIC = re.compile(r"[*?[]")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
+_SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs", "abfss": "abfs", "file": "file"}
+
+
+def output_path_problems(job: Job, document: Any = None) -> list[Problem]:
+    """Where outputs are (paths resolved, so this runs on a `Job`): no two steps share an output or nest
+    one inside the other, no output lies inside an input folder or glob root (each re-run would read
+    the last run's outputs as new rows), no step reads from inside its own output.
+
+    Paths point into the job `document` (the raw data, when known): at a step's `output.path` when it
+    has one, else at the job's `output` (or the step's name when the document has no `output`); at
+    `input.path` for an input inside its own output.
+    """
+    has_root = not isinstance(document, dict) or "output" in document
+    problems: list[Problem] = []
+    outputs = [(i, step, step.output_path(job), _location(step.output_path(job))) for i, step in enumerate(job.steps)]
+
+    def where(i: int) -> tuple[Any, ...]:
+        if job.steps[i].output.path is not None:
+            return ("steps", i, "output", "path")
+        return ("output",) if has_root else ("steps", i, "name")
+
+    for later, (j, step_j, out_j, loc_j) in enumerate(outputs):
+        for i, step_i, out_i, loc_i in outputs[:later]:
+            if step_i.name == step_j.name:
+                continue  # a duplicate name, reported as such
+            relation = _relation(loc_j, loc_i)
+            if relation:
+                at = j if job.steps[j].output.path is not None or job.steps[i].output.path is None else i
+                message = (f"steps '{step_j.name}' and '{step_i.name}' write to {out_j} and {out_i}: "
+                           f"{relation}; two steps never share an output (give one its own output.path)")
+                problems.append(Problem(where(at), message))
+    for k, reader in enumerate(job.steps):
+        for root in _input_roots(reader.input.path or []):
+            loc_in = _location(root)
+            for j, step_j, out_j, loc_j in outputs:
+                if loc_j == loc_in or _inside(loc_j, loc_in):
+                    message = (f"step '{step_j.name}' writes to {out_j}, inside the input folder {root} of step "
+                               f"'{reader.name}': each run would read the last run's outputs as new rows; "
+                               "put outputs outside every input folder")
+                    problems.append(Problem(where(j), message))
+                elif j == k and _inside(loc_in, loc_j):
+                    message = (f"step '{reader.name}' reads {root}, inside its own output {out_j}: each run "
+                               "would read its own outputs back")
+                    problems.append(Problem(("steps", k, "input", "path"), message))
+    return list(dict.fromkeys(problems))
+
+
+def _location(path: str) -> tuple[str, str]:
+    """(scheme, normalised path) of a local path or URI, comparable with `_inside`."""
+    match = _SCHEME.match(path)
+    if match and match.group(1).lower() != "file":
+        scheme = match.group(1).lower()
+        return _SCHEME_ALIASES.get(scheme, scheme), posixpath.normpath("/" + match.group(2)).rstrip("/")
+    local = match.group(2) if match else path
+    return "file", os.path.realpath(os.path.expanduser(local))
+
+
+def _inside(path: tuple[str, str], folder: tuple[str, str]) -> bool:
+    return path[0] == folder[0] and path[1].startswith(folder[1].rstrip("/") + "/")
+
+
+def _relation(a: tuple[str, str], b: tuple[str, str]) -> str | None:
+    if a == b:
+        return "the same folder"
+    if _inside(a, b) or _inside(b, a):
+        return "one inside the other"
+    return None
+
+
+def _input_roots(paths: list[str]) -> list[str]:
+    """The folders an input reads from: each folder, and each glob's folder before its first wildcard
+    (a plain file is no folder: nothing is written inside it)."""
+    roots = []
+    for path in paths:
+        if _GLOB_MAGIC.search(path):
+            head = []
+            for part in path.split("/"):
+                if _GLOB_MAGIC.search(part):
+                    break
+                head.append(part)
+            roots.append("/".join(head) or "/")
+        elif _SCHEME.match(path) and not path.startswith("file://"):
+            roots.append(path)  # an object-store prefix: a folder unless it names one object
+        elif os.path.isdir(path):
+            roots.append(path)
+    return roots

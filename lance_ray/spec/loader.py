@@ -26,7 +26,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ValidationError
 
 from lance_ray.errors import JobFileError
-from lance_ray.spec.checks import job_problems
+from lance_ray.spec.checks import job_problems, output_path_problems
 from lance_ray.spec.models import Job, is_uri
 from lance_ray.spec.yaml_positions import Mark, PositionMap, load_yaml, position_in
 
@@ -148,6 +148,9 @@ def load_job_text(
             problems.append(
                 problem(p.path, f"{_dotted(positions.resolve(p.path))}: {p.message}", at_key=p.at_key)
             )
+    if job is not None:  # rules on resolved paths: where outputs are relative to each other and to inputs
+        problems += [problem(p.path, f"{_dotted(positions.resolve(p.path))}: {p.message}")
+                     for p in output_path_problems(job, loaded.data)]
     if job is not None and check_paths:
         problems += [problem(loc, message) for loc, message in _missing_inputs(job, loaded.data)]
     # A value the loader already flagged (an unset ${VAR}) is garbage: say nothing more about it.

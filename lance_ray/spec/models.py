@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from lance_ray.io.storage import output_location_problem
 from lance_ray.models.lance import TASK_NAMES, TASKS, Params, TaskSpec, source_kind, tasks_of
 from lance_ray.spec.checks import job_problems
 from lance_ray.spec.templates import check_prompt_template
@@ -37,6 +38,7 @@ TaskName = Literal[TASK_NAMES]  # type: ignore[valid-type]
 DEFAULT_MODEL_SOURCE = "bytedance-research/Lance"
 RUN_PLACEHOLDERS = ("run_date", "run_id")
 INPUT_FORMATS = ("auto", "jsonl", "csv", "parquet", "images", "videos")
+OUTPUT_FORMATS = ("parquet", "lance", "webdataset")
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _NAME = r"^[a-z0-9_-]+$"
@@ -63,6 +65,14 @@ def _check_placeholders(path: str) -> str:
                 f"unknown placeholder {{{name}}} in output path; allowed: "
                 + ", ".join(f"{{{p}}}" for p in RUN_PLACEHOLDERS)
             )
+    return path
+
+
+def _check_output_location(path: str) -> str:
+    """Outputs must persist: no control characters, no memory:// (or other non-persisting) scheme."""
+    problem = output_location_problem(path)
+    if problem:
+        raise ValueError(problem)
     return path
 
 
@@ -216,11 +226,21 @@ def _output_shorthand(value: Any) -> Any:
 
 
 class OutputSpec(_Model):
-    """Where and how a step writes its Parquet dataset and media files."""
+    """Where and how a step writes its rows and media files."""
 
     path: str | None = Field(
         default=None,
         description="Output directory or URI; default `<job output>/<step name>`. May contain {run_date} / {run_id}.",
+    )
+    format: Literal[OUTPUT_FORMATS] = Field(  # type: ignore[valid-type]
+        default="parquet",
+        description="`parquet`: part-*.parquet + __media__/ (a folder every Parquet reader opens); `lance`: a "
+        "Lance dataset (media as blobs); `webdataset`: tar shards of <key>.json/.txt/.png|.mp4.",
+    )
+    merge_into: bool = Field(
+        default=False,
+        description="`format: lance` and a text step (x2t) only: add the step's text as new columns "
+        "(`<step>_text`, ...) to the existing Lance dataset at `path`, matched by row_id.",
     )
     video_codec: Literal["h264", "ffv1"] = Field(
         default="h264", description="Video codec: h264 (.mp4, default), or ffv1 (lossless, .mkv)."
@@ -231,7 +251,15 @@ class OutputSpec(_Model):
     def _check_path(cls, path: str | None, info: ValidationInfo) -> str | None:
         if path is None:
             return None
-        return _resolve_path(_check_placeholders(path), info)
+        return _resolve_path(_check_output_location(_check_placeholders(path)), info)
+
+    @model_validator(mode="after")
+    def _check_merge(self) -> OutputSpec:
+        if self.merge_into and self.format != "lance":
+            raise ValueError("merge_into adds columns to a Lance dataset: it needs format: lance")
+        if self.merge_into and self.path is None:
+            raise ValueError("merge_into needs path: the Lance dataset to add columns to")
+        return self
 
 
 class Resources(_Model):
@@ -361,7 +389,7 @@ class Job(_Model):
     @field_validator("output")
     @classmethod
     def _check_output(cls, output: str, info: ValidationInfo) -> str:
-        return _resolve_path(_check_placeholders(output), info)
+        return _resolve_path(_check_output_location(_check_placeholders(output)), info)
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Job:
