@@ -117,19 +117,28 @@ def _list_parts(output_uri: str) -> list[str]:
 def _read_parts(output_uri: str, columns: list[str] | None = None) -> pa.Table:
     """All parts, oldest first, in `OUTPUT_SCHEMA` (or its `columns`). A column that an older part
     lacks (written before the column existed) reads as nulls, so resuming survives upgrades."""
+    schema = OUTPUT_SCHEMA if columns is None else pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
+    tables = [read_part(output_uri, path, columns) for path in _list_parts(output_uri)]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def committed_parts(output_uri: str) -> list[str]:
+    """A step's committed parts (paths on the output's filesystem), oldest first: a reader that streams
+    them newest first and keeps each row_id's first version sees what `read_step_output` returns."""
+    return _list_parts(output_uri)
+
+
+def read_part(output_uri: str, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One committed part in `OUTPUT_SCHEMA` (or its `columns`); columns it lacks read as nulls."""
     fs, _ = filesystem_for(output_uri)
     schema = OUTPUT_SCHEMA if columns is None else pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
-    tables = []
-    for path in _list_parts(output_uri):
-        part = pq.ParquetFile(path, filesystem=fs)
-        present = [name for name in schema.names if name in part.schema_arrow.names]
-        table = part.read(columns=present)
-        arrays = [
-            table.column(f.name).cast(f.type) if f.name in present else pa.nulls(table.num_rows, f.type)
-            for f in schema
-        ]
-        tables.append(pa.Table.from_arrays(arrays, schema=schema))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    part = pq.ParquetFile(path, filesystem=fs)
+    present = [name for name in schema.names if name in part.schema_arrow.names]
+    table = part.read(columns=present)
+    arrays = [
+        table.column(f.name).cast(f.type) if f.name in present else pa.nulls(table.num_rows, f.type) for f in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _dedupe_last(table: pa.Table) -> pa.Table:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 import uuid
 from collections import defaultdict
@@ -77,6 +78,10 @@ def _decode_input(task: TaskSpec, row: Row) -> np.ndarray | None:
     uri = row.image if kind == "image" else row.video
     if not uri:
         raise ValueError(f"task {task.name} needs {'an image' if kind == 'image' else 'a video'}, the row has none")
+    if storage.is_local(uri):
+        _, path = storage.filesystem_for(uri)
+        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):  # reading /dev/zero never ends
+            raise ValueError(f"{uri}: not a regular file (a device, FIFO or socket?)")
     if kind == "image":
         return media.decode_image(uri)
 

@@ -1,16 +1,18 @@
 """Prompt templates: `input.prompt` may be a Jinja template over the row's columns.
 
 Templates render in Jinja's sandbox with undefined names raising (a misspelt column must not render
-as an empty prompt).
+as an empty prompt), with the limits of `template_render.BoundedSandbox` on what they may build; a
+row's prompt is rendered by `template_render.render_prompt` (time and output bounded).
 """
 
 from __future__ import annotations
 
 import jinja2
 import jinja2.meta
-import jinja2.sandbox
 
-_ENV = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+from lance_ray.spec.template_render import BoundedSandbox
+
+_ENV = BoundedSandbox(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
 def compile_prompt_template(text: str) -> jinja2.Template:
