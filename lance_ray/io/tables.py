@@ -42,6 +42,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer JSONL line is an error row (a file with no newline is not a row)
 MAX_JSON_BYTES = 1024 * 1024 * 1024  # a `format: json` file is parsed whole; larger inputs belong in JSONL
 _COUNT_CHUNK = 8 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
 _SMALL_REMOTE = 8 * 1024 * 1024  # remote JSONL/CSV up to this size are counted exactly, larger ones estimated
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*(?=\n)")  # a line break followed by a blank line
 
@@ -235,17 +236,21 @@ def _read_jsonl(f: io.BufferedIOBase) -> Iterator[Record]:
 
 
 def _lines(f: io.BufferedIOBase) -> Iterator[bytes | None]:
-    """The lines of a binary file; None for a line longer than MAX_LINE_BYTES (which is skipped)."""
-    while True:
-        line = f.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            return
-        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-            while line and not line.endswith(b"\n"):  # skip the rest of the line without holding it
-                line = f.readline(_COUNT_CHUNK)
-            yield None
-        else:
-            yield line
+    """The lines of a binary file (any file object with `read`); None for a line longer than
+    MAX_LINE_BYTES, whose bytes are dropped as they are read."""
+    carry = b""
+    too_long = False  # inside a line already found over-long
+    while chunk := f.read(_READ_CHUNK):
+        *complete, carry = (carry + chunk).split(b"\n")
+        for line in complete:
+            yield None if too_long or len(line) > MAX_LINE_BYTES else line + b"\n"
+            too_long = False
+        if len(carry) > MAX_LINE_BYTES:
+            too_long, carry = True, b""
+    if too_long or len(carry) > MAX_LINE_BYTES:
+        yield None
+    elif carry:
+        yield carry
 
 
 def _excerpt(data: bytes) -> str:

@@ -78,15 +78,21 @@ def _decode_input(task: TaskSpec, row: Row) -> np.ndarray | None:
     uri = row.image if kind == "image" else row.video
     if not uri:
         raise ValueError(f"task {task.name} needs {'an image' if kind == 'image' else 'a video'}, the row has none")
-    if storage.is_local(uri):
-        _, path = storage.filesystem_for(uri)
-        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):  # reading /dev/zero never ends
-            raise ValueError(f"{uri}: not a regular file (a device, FIFO or socket?)")
+    if storage.is_local(uri) and not _regular_or_missing(uri):  # reading /dev/zero would never end
+        raise ValueError(f"{uri}: not a regular file (a device, FIFO or socket?)")
     if kind == "image":
         return media.decode_image(uri)
 
     info = media.probe_video(uri)
     return media.decode_video(uri, sample_frame_indices(info.num_frames, info.fps))
+
+
+def _regular_or_missing(uri: str) -> bool:
+    """False for a local path naming a device, FIFO or socket (a missing file is the decoder's to report)."""
+    try:
+        return stat.S_ISREG(os.stat(storage.filesystem_for(uri)[1]).st_mode)
+    except OSError:
+        return True
 
 
 def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:

@@ -117,6 +117,10 @@ def listed(columns: Iterable[str]) -> str:
     return ", ".join(names[:_LISTED_COLUMNS]) + (f" … ({more} more)" if more > 0 else "")
 
 
+def _article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 def _quoted(paths: Iterable[str]) -> str:
     return " / ".join(repr(p) for p in paths)
 
@@ -243,10 +247,12 @@ class RowMapping:
                           f"{_quoted(self.rules[media].columns)}")
             column_errors = True
         if self.prompt_required and not errors and not (out.prompt or "").strip():
-            rule = self.rules["prompt"]
-            if self.template_text is None and not any(column_value(record, c) is not MISSING for c in rule.columns):
-                errors.append(f"task {self.task.name} needs a {self.task.prompt_name}: looked for column "
-                              f"{_quoted(rule.columns)}")
+            rule, what = self.rules["prompt"], _article(self.task.prompt_name)
+            if self.template_text is None and not rule.columns:  # rows of another step bring none by default
+                errors.append(f"task {self.task.name} needs {what}: set input.prompt, or map a column of the "
+                              "upstream rows with columns.prompt")
+            elif self.template_text is None and not any(column_value(record, c) is not MISSING for c in rule.columns):
+                errors.append(f"task {self.task.name} needs {what}: looked for column {_quoted(rule.columns)}")
                 column_errors = True
             else:
                 errors.append(f"task {self.task.name} needs a non-empty {self.task.prompt_name}")
