@@ -215,7 +215,7 @@ def _read_jsonl(f: io.BufferedIOBase) -> Iterator[Record]:
     position = 0
     for line_no, line in enumerate(_lines(f), start=1):
         if line is None:
-            yield Record(None, f"line {line_no}: longer than {MAX_LINE_BYTES // 2**20} MiB", position=position,
+            yield Record(None, f"line {line_no}: longer than {MAX_LINE_BYTES:,} bytes", position=position,
                          text=f"over-long line {line_no}")
             position += 1
             continue

@@ -161,7 +161,7 @@ def _sampled_table_problems(step: Step, base: tuple[Any, ...], paths: list[tuple
         try:
             files += [(loc, f) for f in expand_paths([path], step.input.format, step.spec.input_media)]
         except SourceError as e:
-            found.append((loc, str(e).removeprefix(f"input {path}: ")))
+            found.append((loc, str(e).removeprefix("input ")))
     tables = [(loc, f) for loc, f in files if f.kind in TABLE_FORMATS][:_SAMPLED_TABLES]
     for loc, file in tables:
         limit = None if (file.size or 0) <= _FULL_READ_BYTES else _SAMPLE_ROWS

@@ -49,6 +49,7 @@ from lance_ray.pipeline import sinks
 from lance_ray.pipeline.sources.ids import DigestSet, digest
 from lance_ray.spec import Job, Step
 from lance_ray.spec.inputs import RowMapping, parse_seed
+from lance_ray.spec.rows import SOURCE_SCHEMA
 
 _CHUNK = 2048  # rows whose ids are checked together
 ID_SCHEME = 2  # bump when the rule for derived ids changes: it is part of every input fingerprint
@@ -165,7 +166,7 @@ class StepSource:
 
     def _row(self, raw: RawRow, position: int) -> dict:
         """A raw item as a source row; `row_id` None (and `_digest` set) when it is to be derived."""
-        row: dict[str, Any] = {"step": self.step.name, "legacy_id": raw.legacy_id}
+        row: dict[str, Any] = {**dict.fromkeys(SOURCE_SCHEMA.names), "step": self.step.name, "legacy_id": raw.legacy_id}
         if raw.record is None:
             row.update(input_row="{}", error=raw.error, row_id=None, _digest=digest(raw.text or raw.error or ""))
             return row
