@@ -396,3 +396,55 @@ def test_s3_inputs(s3_server, tmp_path):
     assert first["row_id"] == content_id(json.loads((DATASETS / "edits.jsonl").read_text().splitlines()[0]))
     assert first["image"] == f"s3://{bucket}/data/images/sunset_320x240.jpg"
     assert decode_image(first["image"]).shape == (240, 320, 3)
+
+
+def test_json_files_and_nested_column_paths(tmp_path):
+    records = [
+        {"additional_info": {"prompt": "make it blue"}, "interleave_array": ["x", "in0.png", "target0.png"]},
+        {"additional_info": {"prompt": "make it red"}, "interleave_array": ["y", "in1.png", "target1.png"]},
+        7,
+    ]
+    (tmp_path / "edits.json").write_text(json.dumps(records))
+    columns = {"instruction": "additional_info.prompt", "image": "interleave_array[1]"}
+    job = make_job(tmp_path, {"name": "e", "task": "image_edit", "input": {"path": "edits.json", "columns": columns}})
+    rows = rows_of(job)
+    assert [(r["prompt"], r["image"]) for r in rows[:2]] == [
+        ("make it blue", str(tmp_path / "in0.png")), ("make it red", str(tmp_path / "in1.png"))]
+    assert rows[2]["error"] == "item 2: not a JSON object" and rows[2]["row_id"] == content_id("7")
+
+    keyed = {"0040": records[0], "../0041": records[1]}  # an object of records: the key is the row id
+    (tmp_path / "keyed.data").write_text(json.dumps(keyed))
+    job = make_job(tmp_path, {"name": "e", "task": "image_edit",
+                              "input": {"path": "keyed.data", "format": "json", "columns": columns}})
+    assert [r["row_id"] for r in rows_of(job)] == ["0040", storage.safe_token("../0041")]
+
+    (tmp_path / "dotted.jsonl").write_text(json.dumps({"a.b": "the literal key", "a": {"b": "the path"}}) + "\n")
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "dotted.jsonl", "columns": {"prompt": "a.b"}}})
+    assert rows_of(job)[0]["prompt"] == "the literal key"  # a key that exists wins over the path
+
+    (tmp_path / "scalar.json").write_text('{"prompt": "a record, not records"}')
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": "scalar.json"}})
+    with pytest.raises(SourceError, match="expected an array of records, or an object whose values are all records"):
+        rows_of(job)
+
+
+def test_from_step_streams_parts_and_the_newest_version_decides(tmp_path):
+    job = make_job(
+        tmp_path,
+        {"name": "gen", "task": "t2i", "input": {"rows": [{"prompt": "p"}]}},
+        {"name": "cap", "task": "x2t_image", "input": {"from_step": "gen"}},
+    )
+    gen_out = job.step("gen").output_path(job)
+
+    def part(*rows: tuple[str, str | None]) -> None:
+        write_part(gen_out, [{"row_id": row_id, "step": "gen", "task": "t2i", "media_uri": f"/m/{row_id}.png",
+                              "error": error} for row_id, error in rows])
+
+    part(("r1", None), ("r2", "boom"), ("r3", None))
+    part(("r2", None))  # retried: now fine
+    part(("r3", "failed on a later try"))  # the newest version of r3 failed: it is not an input any more
+    assert sorted(r["row_id"] for r in rows_of(job, "cap")) == ["r1", "r2"]
+    source = open_source(job.step("cap"), job)
+    before = source.fingerprint()
+    part(("r4", None))
+    assert source.fingerprint() != before  # new upstream parts: the step has work again

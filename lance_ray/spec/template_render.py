@@ -89,9 +89,9 @@ def _bounded_filter(fn: Callable) -> Callable:
 
 
 def _power(left: Any, right: Any) -> Any:
-    if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
-        if right * math.log2(abs(left)) > MAX_INT_BITS:
-            _refuse(f"a power with more than {MAX_INT_BITS} bits is not allowed in a prompt template")
+    growing = isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0
+    if growing and right * math.log2(abs(left)) > MAX_INT_BITS:
+        _refuse(f"a power with more than {MAX_INT_BITS} bits is not allowed in a prompt template")
     return left**right
 
 
