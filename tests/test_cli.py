@@ -120,7 +120,7 @@ def test_help_describes_lance_ray_every_command_and_every_exit_code(capsys: pyte
     top = capsys.readouterr().out
     assert "ByteDance's Lance model" in top
     (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    commands = {"validate", "plan", "run", "tiny-checkpoint", "submit", "status", "logs", "stop", "list",
+    commands = {"validate", "plan", "run", "export", "tiny-checkpoint", "submit", "status", "logs", "stop", "list",
                 "schedule"}
     assert set(subparsers.choices) == commands
     for line in ("0    success", "1    the run finished but some rows failed", "2    bad job file",

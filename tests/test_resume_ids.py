@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lance_ray.errors import RunError
 from lance_ray.pipeline import runner
 from lance_ray.pipeline.runner import run_job
 from lance_ray.pipeline.sinks import read_manifest, read_step_output, write_part
@@ -90,3 +91,14 @@ def test_samples_per_prompt_ids_and_seeds(tmp_path: Path) -> None:
     base = [r["row_id"].rsplit("-", 1)[0] for r in rows]
     assert [r["row_id"] for r in rows] == [f"{b}-{n}" for b in dict.fromkeys(base) for n in range(3)]
     assert [r["seed_override"] for r in rows] == [42, 43, 44, 100, 101, 102]  # seed + n (step seed 42, row's 100)
+
+
+def test_an_id_repeated_in_a_large_input_stops_the_run_with_its_name(tmp_path: Path, ray_local: None) -> None:
+    """Validation catches repeated ids in the rows it reads; past those, the read task does, and the run
+    fails with the id (exit 3), not with a Ray traceback."""
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": i if i != 15 else 3, "prompt": f"p{i}"}) + "\n" for i in range(20)))
+    with pytest.raises(RunError) as info:
+        run_job(caption_job(tmp_path, columns={"row_id": "id"}), progress=False)
+    assert str(info.value) == ("step draw: duplicate row_id '3' (input row 15); ids must be unique within a step: "
+                               "fix the id column or map another one (rows committed before it are kept)")

@@ -448,3 +448,21 @@ def test_from_step_streams_parts_and_the_newest_version_decides(tmp_path):
     before = source.fingerprint()
     part(("r4", None))
     assert source.fingerprint() != before  # new upstream parts: the step has work again
+
+
+def test_large_remote_tables_are_counted_from_their_head(s3_server, tmp_path, monkeypatch):
+    from lance_ray.pipeline.planner import format_plan, make_plan
+    from lance_ray.pipeline.runner import count_step_rows
+
+    bucket = f"count-{uuid.uuid4().hex[:8]}"
+    fs, _ = storage.filesystem_for(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    fs.pipe(f"{bucket}/p.jsonl", "".join(json.dumps({"prompt": f"p{i:04d}"}) + "\n" for i in range(300)).encode())
+    monkeypatch.setattr(tables, "_SMALL_REMOTE", 1000)  # larger remote tables are not read whole to count
+    job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": f"s3://{bucket}/p.jsonl"}})
+    counts = count_step_rows(job)
+    assert counts == {"g": tables.RowCount(300, exact=False)}  # from the first MiB, labelled as estimated
+    plan = format_plan(make_plan(job, 0, {"g": 300}, frozenset({"g"})))
+    assert "rows    ~300" in plan
+    assert open_source(job.steps[0], job).count() == 300
+

@@ -46,11 +46,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from lance_ray.pipeline.planner import format_plan, make_plan
-    from lance_ray.pipeline.runner import count_rows
+    from lance_ray.pipeline.runner import count_step_rows
 
     job = load_job_file(args.job)
     warn_debug_backends(job)
-    print(format_plan(make_plan(job, args.gpus, count_rows(job))))
+    counts = count_step_rows(job)  # "~" in the plan: estimated from the head of a large remote table
+    rows = {name: None if count is None else count.rows for name, count in counts.items()}
+    estimated = frozenset(name for name, count in counts.items() if count is not None and not count.exact)
+    print(format_plan(make_plan(job, args.gpus, rows, estimated)))
     return EXIT_OK
 
 

@@ -216,7 +216,8 @@ class JobRunner:
             return summary, None
         counted = self.row_counts.get(step.name)
         summary.rows = source.estimate_rows().rows if counted is None else counted
-        summary.skipped = min(sources.committed_count(ctx.output_uri, retry_failed=self.retry_failed), summary.rows)
+        if sinks.committed_parts(ctx.output_uri):  # counted in a Ray task: the ids never reach the driver
+            summary.skipped = min(sources.committed_count(ctx.output_uri, retry_failed=self.retry_failed), summary.rows)
         return summary, sources.to_dataset(source, retry_failed=self.retry_failed, events_uri=self.summary.events_uri)
 
     def _pipeline(self, group: Group, datasets: list, contexts: dict[str, StepContext], pending: int):
@@ -365,7 +366,16 @@ def run_job(
     plan = make_plan(job, cluster_gpu_count(), row_counts)
     runner = JobRunner(job, overwrite=overwrite, retry_failed=retry_failed, progress=progress, run_id=run_id,
                        row_counts=row_counts)
-    return runner.run(plan)
+    try:
+        return runner.run(plan)
+    except Exception as exc:
+        # A read task found the input unusable mid-run (a repeated id): Ray wraps the error with the
+        # task's traceback. Say what was wrong, and that the run (not the job file) failed.
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, sources.SourceError):
+            message = str(cause).splitlines()[0]  # Ray Data appends its retry advice on later lines
+            raise RunError(f"{message} (rows committed before it are kept)") from None
+        raise
 
 
 def check_local_models(job: Job) -> None:
