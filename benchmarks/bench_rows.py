@@ -96,6 +96,7 @@ def run_once(workdir: Path, rows: int, batch_size: int, every: float, stop_after
     job = write_inputs(workdir, rows, batch_size)
     shutil.rmtree(workdir / "out", ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    load_before = os.getloadavg()[0]
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "lance_ray.cli", "run", str(job), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -127,6 +128,7 @@ def run_once(workdir: Path, rows: int, batch_size: int, every: float, stop_after
         "rows_per_s": round(total / (wall - (first_row_s or 0)), 1) if total else 0.0,
         "steady_rows_per_s": None if steady is None else round(steady, 1),
         "peak_driver_rss_mb": round(max(rss), 1) if rss else None,
+        "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # other work on the machine
         "samples": samples, "tail": output[-1500:],
     }
 
