@@ -12,11 +12,17 @@ backend hashes the row into a labelled text, the finish stage writes the Parquet
 repeat (8 files), so the page cache, not the disk, serves them: this measures the pipeline, not IO.
 
 Reported: time to the first committed row (from the command's start, Ray start-up included), rows/s
-over the run and over its last half ("steady"), peak driver RSS. `--stop-after S` interrupts the run
-(SIGINT, as Ctrl-C) after S seconds, for inputs too large to finish (10 M rows).
+over the run and over its last half ("steady"), peak driver RSS, and the machine's 1-minute load
+average before and after (other work on a shared machine takes CPU from the run). `--stop-after S`
+interrupts the run (SIGINT, as Ctrl-C) after S seconds, for inputs too large to finish (10 M rows).
+
+`--stage-cpu N` instead runs the same job over N rows in this process (`run_job`) and reports each
+pipeline stage's CPU time per row, from Ray Data's own per-operator statistics: what the stages cost
+whatever else the machine is doing.
 
     python -m benchmarks.bench_rows --rows 1000 100000 1000000 --out benchmarks/results/rows_cpu.json
     python -m benchmarks.bench_rows --rows 10000000 --stop-after 600 --out benchmarks/results/rows_10m.json
+    python -m benchmarks.bench_rows --stage-cpu 20000
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -133,6 +140,40 @@ def run_once(workdir: Path, rows: int, batch_size: int, every: float, stop_after
     }
 
 
+_OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.M)
+_CPU_TOTAL = re.compile(r"Remote cpu time: .*?, ([\d.]+)(us|ms|s) total")
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def stage_cpu(workdir: Path, rows: int, batch_size: int) -> dict[str, float]:
+    """CPU µs per row of each pipeline operator, from `Dataset.stats()` of an in-process run."""
+    from lance_ray.pipeline import runner
+    from lance_ray.spec import load_job
+
+    job = load_job(write_inputs(workdir, rows, batch_size))
+    shutil.rmtree(workdir / "out", ignore_errors=True)
+    stats: list[str] = []
+    drain = runner.JobRunner._drain
+
+    def drain_and_keep_stats(self, ds, summaries, label):  # type: ignore[no-untyped-def]
+        done = drain(self, ds, summaries, label)
+        stats.append(ds.stats())
+        return done
+
+    runner.JobRunner._drain = drain_and_keep_stats
+    runner.run_job(job, progress=False)
+    text = stats[0]
+    per_row = {}
+    starts = [m.start() for m in _OPERATOR.finditer(text)] + [len(text)]
+    for start, end in zip(starts[:-1], starts[1:], strict=True):
+        section = text[start:end]
+        name = _OPERATOR.match(section).group(1)  # type: ignore[union-attr]
+        cpu = _CPU_TOTAL.search(section)
+        if cpu:
+            per_row[name] = round(float(cpu.group(1)) * _UNIT[cpu.group(2)] / rows * 1e6, 1)
+    return per_row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 100_000])
@@ -141,8 +182,12 @@ def main() -> None:
     parser.add_argument("--stop-after", type=float, help="interrupt each run after this many seconds")
     parser.add_argument("--workdir", type=Path, help="where inputs and outputs go (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--stage-cpu", type=int, metavar="N", help="report each stage's CPU per row over N rows")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_rows_"))
+    if args.stage_cpu:
+        print(json.dumps({"rows": args.stage_cpu, "cpu_us_per_row": stage_cpu(workdir, args.stage_cpu, args.batch)}))
+        return
     results = []
     for rows in args.rows:
         result = run_once(workdir, rows, args.batch, args.every, args.stop_after)

@@ -79,9 +79,6 @@ class RowCount:
     def __add__(self, other: RowCount) -> RowCount:
         return RowCount(self.rows + other.rows, self.exact and other.exact)
 
-    def __str__(self) -> str:
-        return str(self.rows) if self.exact else f"~{self.rows}"
-
 
 # ------------------------------------------------------------------------------------- listing files
 

@@ -13,6 +13,7 @@ looked for and the columns the row has.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -38,6 +39,7 @@ _LISTED_COLUMNS = 20  # how many of a row's columns an error message lists
 MEDIA_SAMPLE = 1000  # rows whose media paths validation checks on disk
 
 
+@functools.lru_cache(maxsize=1024)  # a step has a handful of columns; every row looks them up
 def parse_column_path(text: str) -> tuple[str | int, ...]:
     """`a.b[1]` → ('a', 'b', 1); raises ValueError for anything that is not such a path."""
     parts: list[str | int] = []

@@ -49,9 +49,10 @@ from lance_ray.pipeline import sinks
 from lance_ray.pipeline.sources.ids import DigestSet, digest
 from lance_ray.spec import Job, Step
 from lance_ray.spec.inputs import RowMapping, parse_seed
-from lance_ray.spec.rows import SOURCE_SCHEMA
+from lance_ray.spec.rows import OUTPUT_SCHEMA, SOURCE_SCHEMA
 
 _CHUNK = 2048  # rows whose ids are checked together
+_UPSTREAM_COLUMNS = [name for name in OUTPUT_SCHEMA.names if name != "input_row"]  # the upstream's own input: not read
 ID_SCHEME = 2  # bump when the rule for derived ids changes: it is part of every input fingerprint
 
 
@@ -125,8 +126,7 @@ class StepSource:
         kind = self.upstream_output
         seen = DigestSet()
         for path in reversed(sinks.committed_parts(self.upstream_uri)):
-            table = sinks.read_part(self.upstream_uri, path).drop_columns(["input_row"])
-            rows = table.to_pylist()
+            rows = sinks.read_part(self.upstream_uri, path, _UPSTREAM_COLUMNS).to_pylist()
             repeated = seen.add([digest(row["row_id"]) for row in rows])
             for row, older in zip(rows, repeated, strict=True):
                 if older or row.pop("error") is not None:
@@ -183,7 +183,7 @@ class StepSource:
         return row
 
     def _samples(self, row: dict) -> Iterator[dict]:
-        if not self.sample_seeds and self.samples == 1:
+        if not self.sample_seeds:  # no samples_per_prompt, no suite: the row as it is
             yield row
             return
         base_seed = row.get("seed_override")
@@ -221,13 +221,13 @@ class StepSource:
     def fingerprint(self) -> str:
         """A digest of everything the step's row ids depend on: the input files (name, size, modification
         stamp), inline rows or the upstream's committed parts, and the settings that shape ids. Two runs
-        with one fingerprint read the same ids (the resume check `resume.is_complete` relies on it)."""
+        with one fingerprint read the same ids (the resume check `resume.complete_manifest` relies on it).
+        Params are not in it: as ever, a committed row is not redone because params changed."""
         inp = self.input
         what: dict[str, Any] = {
             "scheme": ID_SCHEME, "step": self.step.name, "task_media": self.task.input_media, "format": inp.format,
             "row_id": inp.columns.row_id, "suite": inp.suite, "limit": inp.limit, "samples": self.samples,
-            "sample_seeds": self.sample_seeds, "base_seed": self.base_seed if self.sample_seeds else None,
-            "seed": inp.columns.seed,
+            "sample_seeds": self.sample_seeds,
         }
         if inp.rows is not None:
             what["rows"] = [_canonical_json(row) for row in inp.rows]
