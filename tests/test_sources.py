@@ -466,3 +466,13 @@ def test_large_remote_tables_are_counted_from_their_head(s3_server, tmp_path, mo
     assert "rows    ~300" in plan
     assert open_source(job.steps[0], job).count() == 300
 
+
+
+def test_cheap_counts_match_the_rows_read(tmp_path):
+    (tmp_path / "p.jsonl").write_text('\n{"prompt": "a"}\n  \n\n{"prompt": "b"}\nnot json\n\t\n{"prompt": "c"}')
+    (tmp_path / "plain.csv").write_text("prompt\na\n\nb\nc\n")
+    (tmp_path / "quoted.csv").write_text('prompt,seed\n"two\nlines",1\nb,2\n')
+    for name, rows in (("p.jsonl", 4), ("plain.csv", 3), ("quoted.csv", 2)):
+        job = make_job(tmp_path, {"name": "g", "task": "t2i", "input": {"path": name}})
+        source = open_source(job.steps[0], job)
+        assert source.estimate_rows() == tables.RowCount(rows) and source.count() == rows, name
