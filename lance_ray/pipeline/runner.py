@@ -227,7 +227,9 @@ class JobRunner:
         batch_sizes = {planned.step.name: planned.batch_size for planned in group.steps}
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         # Sources yield rows as they read them; Ray Data's default 128 MiB blocks would hold the first
-        # rows back until that much input is read. Blocks of at most 1 MiB let them flow at once.
+        # rows back until that much input is read (~500k rows). 4 MiB blocks let them flow within a
+        # second, and keep the block count low: Ray Data keeps a few KB of statistics in the driver
+        # for every block an operator outputs, for the whole run.
         ds.context.target_max_block_size = PIPELINE_BLOCK_BYTES
         # Ray Data hands each actor whole blocks: a small step read as one block would keep every GPU
         # but one idle. Re-blocking by rows is streaming (no barrier) and costs little: rows here are
@@ -298,7 +300,7 @@ class JobRunner:
         )
 
 
-PIPELINE_BLOCK_BYTES = 1024 * 1024
+PIPELINE_BLOCK_BYTES = 4 * 1024 * 1024
 
 
 def _block_rows(rows: int, batch_size: int, actors: int) -> int:
