@@ -12,9 +12,10 @@ backend hashes the row into a labelled text, the finish stage writes the Parquet
 repeat (8 files), so the page cache, not the disk, serves them: this measures the pipeline, not IO.
 
 Reported: time to the first committed row (from the command's start, Ray start-up included), rows/s
-over the run and over its last half ("steady"), peak driver RSS, and the machine's 1-minute load
-average before and after (other work on a shared machine takes CPU from the run). `--stop-after S`
-interrupts the run (SIGINT, as Ctrl-C) after S seconds, for inputs too large to finish (10 M rows).
+over the run and over its last half ("steady"), peak driver RSS and the driver's CPU per row, and the
+machine's 1-minute load average before and after (other work on a shared machine takes CPU from the
+run). `--stop-after S` interrupts the run (SIGINT, as Ctrl-C) after S seconds, for inputs too large
+to finish (10 M rows).
 
 `--stage-cpu N` instead runs the same job over N rows in this process (`run_job`) and reports each
 pipeline stage's CPU time per row, from Ray Data's own per-operator statistics: what the stages cost
@@ -73,6 +74,16 @@ def write_inputs(workdir: Path, rows: int, batch_size: int) -> Path:
     return job
 
 
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -109,6 +120,7 @@ def run_once(workdir: Path, rows: int, batch_size: int, every: float, stop_after
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     committed = CommittedRows(workdir / "out" / "caption")
     samples: list[tuple[float, int, float | None]] = []  # (seconds since start, rows committed, driver RSS MB)
+    driver_cpu = None
     first_row_s = None
     interrupted = False
     while proc.poll() is None:
@@ -116,6 +128,7 @@ def run_once(workdir: Path, rows: int, batch_size: int, every: float, stop_after
         now = time.monotonic() - started
         done = committed()
         samples.append((round(now, 2), done, _rss_mb(proc.pid)))
+        driver_cpu = _cpu_s(proc.pid) or driver_cpu
         if first_row_s is None and done:
             first_row_s = round(now, 2)
         if stop_after is not None and now > stop_after and not interrupted:
@@ -135,6 +148,7 @@ def run_once(workdir: Path, rows: int, batch_size: int, every: float, stop_after
         "rows_per_s": round(total / (wall - (first_row_s or 0)), 1) if total else 0.0,
         "steady_rows_per_s": None if steady is None else round(steady, 1),
         "peak_driver_rss_mb": round(max(rss), 1) if rss else None,
+        "driver_cpu_us_per_row": round(driver_cpu / total * 1e6, 1) if driver_cpu and total else None,
         "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # other work on the machine
         "samples": samples, "tail": output[-1500:],
     }
