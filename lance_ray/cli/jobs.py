@@ -1,4 +1,4 @@
-"""Commands that work on a job file here: validate, plan, run, and tiny-checkpoint.
+"""Commands that work on a job file here: validate, plan, run, export, and tiny-checkpoint.
 
 The pipeline, the model and Ray are imported inside the commands, so that `lance-ray --help` and
 `lance-ray validate` never load torch or Ray.
@@ -46,11 +46,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from lance_ray.pipeline.planner import format_plan, make_plan
-    from lance_ray.pipeline.runner import count_rows
+    from lance_ray.pipeline.runner import count_step_rows
 
     job = load_job_file(args.job)
     warn_debug_backends(job)
-    print(format_plan(make_plan(job, args.gpus, count_rows(job))))
+    counts = count_step_rows(job)  # "~" in the plan: estimated from the head of a large remote table
+    rows = {name: None if count is None else count.rows for name, count in counts.items()}
+    estimated = frozenset(name for name, count in counts.items() if count is not None and not count.exact)
+    print(format_plan(make_plan(job, args.gpus, rows, estimated)))
     return EXIT_OK
 
 
@@ -73,6 +76,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_ROWS_FAILED if summary.failed else EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lance_ray.pipeline.export import export_step, format_report, suite_step
+
+    job = load_job_file(args.job)
+    if args.output:
+        output = args.output if "://" in args.output else str(Path(args.output).resolve())
+        job = job.model_copy(update={"output": output})
+    report = export_step(job, suite_step(job, args.step), args.to)
+    for line in format_report(report):
+        print(line)
+    return EXIT_ROWS_FAILED if report.problems else EXIT_OK
+
+
 def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
     from lance_ray.models.lance import write_tiny_checkpoint
 
@@ -87,7 +103,7 @@ fails keeps its committed rows, and running it again skips them."""
 
 
 def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Registers validate / plan / run / tiny-checkpoint on the `lance-ray` command."""
+    """Registers validate / plan / run / export / tiny-checkpoint on the `lance-ray` command."""
     p = subparsers.add_parser(
         "validate",
         help="check a job file",
@@ -124,6 +140,22 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", help="run id (fills {run_id} in output paths)")
     p.add_argument("--run-date", help="run date (fills {run_date} in output paths)")
     p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser(
+        "export",
+        help="lay out a benchmark suite step's outputs for the benchmark's evaluator",
+        description="Copies the committed outputs of a step that reads a benchmark suite (input.suite: geneval, "
+        "dpg, vbench, gedit) into the layout that benchmark's evaluator reads (specs/README.md, 'Benchmark "
+        "suites'). It never overwrites a file it did not write. Exits 1 when some cases could not be exported "
+        "(they are listed).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("job", help="the job file (YAML)")
+    p.add_argument("--to", required=True, help="the folder to lay the files out in (created if missing)")
+    p.add_argument("--step", help="the suite step to export (default: the job's only suite step)")
+    p.add_argument("--output", help="the output root the job ran with, if `run --output` overrode it")
+    p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
         "tiny-checkpoint",

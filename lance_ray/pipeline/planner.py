@@ -21,6 +21,7 @@ class PlannedStep:
     batch_size: int
 
     params: Params  # the step's effective params (task defaults applied)
+    rows_estimated: bool = False  # `rows` is an estimate (a large remote table counted from its head)
 
     def timeout_s(self, on_gpu: bool) -> float:
         """Deadline of one model call of this step (see `Resources.timeout_s`): the step's own, else ten
@@ -84,8 +85,10 @@ def step_levels(job: Job) -> dict[str, int]:
     return levels
 
 
-def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None] | None = None) -> Plan:
-    """Builds the plan. `row_counts` maps step name → rows (None = unknown); missing steps count as unknown."""
+def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None] | None = None,
+              estimated: frozenset[str] = frozenset()) -> Plan:
+    """Builds the plan. `row_counts` maps step name → rows (None = unknown); missing steps count as unknown;
+    `estimated` names the steps whose count is an estimate."""
     row_counts = dict(row_counts or {})
     levels = step_levels(job)
     for step in sorted(job.steps, key=lambda s: levels[s.name]):
@@ -99,7 +102,8 @@ def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None]
                 continue
             rows = row_counts.get(step.name)
             batch = step.resources.batch_size or step.spec.batch_size
-            by_family.setdefault(step.family, []).append(PlannedStep(step, rows, batch, step.params_for(job)))
+            by_family.setdefault(step.family, []).append(
+                PlannedStep(step, rows, batch, step.params_for(job), rows_estimated=step.name in estimated))
         for family, planned in by_family.items():
             requested = max((p.step.resources.gpus for p in planned if p.step.resources and p.step.resources.gpus),
                             default=None)
@@ -155,7 +159,7 @@ def format_plan(plan: Plan) -> str:
                          f"{'@' + model.revision if model.revision else ''} [{model.backend}, {model.precision}], "
                          f"{group.actors} actor(s), {gpus}")
             for planned in group.steps:
-                rows = "?" if planned.rows is None else str(planned.rows)
+                rows = "?" if planned.rows is None else f"{'~' if planned.rows_estimated else ''}{planned.rows}"
                 estimate = planned.estimated_gpu_s
                 est = "?" if estimate is None else _duration(estimate)
                 source = f" <- {planned.step.input.from_step}" if planned.step.input.from_step else ""

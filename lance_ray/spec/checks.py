@@ -18,6 +18,8 @@ import re
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lance_ray.models.lance import PRESETS, PROMPT_COLUMNS, TASKS, Params, TaskSpec, presets_of
+from lance_ray.spec.inputs import MISSING, column_value, parse_seed, prompt_problem
+from lance_ray.spec.suites import SUITES
 from lance_ray.spec.templates import prompt_template_columns
 
 if TYPE_CHECKING:
@@ -105,6 +107,9 @@ def _step_problems(raw: dict) -> list[Problem]:
     if raw.get("turns") is not None and not task.multi_turn:
         multi = " and ".join(t.name for t in TASKS.values() if t.multi_turn)
         problems.append(Problem(("turns",), f"'turns' is only for {multi}, not {task.name}", at_key=True))
+    for i, turn in enumerate(raw.get("turns") or []):
+        if isinstance(turn, str) and (problem := prompt_problem(task, turn, "this instruction")):
+            problems.append(Problem(("turns", i), problem))
     if isinstance(raw.get("input"), dict):
         problems += [p.under("input") for p in _input_problems(raw["input"], task, raw.get("turns") is not None)]
     return problems
@@ -139,6 +144,15 @@ def _input_problems(inp: dict, task: TaskSpec, has_turns: bool) -> list[Problem]
     fmt = inp.get("format", "auto")
     if kind == "from_step" and fmt != "auto":
         problems.append(Problem(("format",), "format does not apply to from_step inputs", at_key=True))
+    if kind == "from_step" and inp.get("media_root") is not None:
+        problems.append(Problem(("media_root",), "media_root does not apply to from_step inputs", at_key=True))
+    suite = SUITES.get(inp["suite"]) if isinstance(inp.get("suite"), str) else None
+    if suite is not None and kind != "path":
+        message = f"suite {suite.name} reads the benchmark's prompt file: give it as input.path (not {kind})"
+        problems.append(Problem(("suite",), message, at_key=True))
+    if suite is not None and suite.task != task.name:
+        message = f"suite {suite.name} is a {suite.task} benchmark; this step's task is {task.name}"
+        problems.append(Problem(("suite",), message))
     if kind == "path" and fmt in ("images", "videos"):
         media = fmt[:-1]
         if task.input_media is not None and media != task.input_media:
@@ -153,7 +167,8 @@ def _input_problems(inp: dict, task: TaskSpec, has_turns: bool) -> list[Problem]
 
 
 def _rows_problems(inp: dict, task: TaskSpec, has_turns: bool) -> list[Problem]:
-    """Inline rows are known at load time: check each row has the columns the task will read."""
+    """Inline rows are known at load time: check each row has the columns the task will read, and a
+    usable seed when it brings one."""
     columns = _dict(inp.get("columns"))
     needed: list[tuple[str, tuple[str, ...]]] = []  # (what, column names that provide it)
     if task.input_media is not None:
@@ -167,19 +182,37 @@ def _rows_problems(inp: dict, task: TaskSpec, has_turns: bool) -> list[Problem]:
         template_columns = sorted(prompt_template_columns(template)) if isinstance(template, str) else []
     except Exception:  # a template that does not parse is reported by its own field check
         template_columns = []
+    seed_column = columns.get("seed") if isinstance(columns.get("seed"), str) else "seed"
     problems: list[Problem] = []
     for i, row in enumerate(inp["rows"]):
         if not isinstance(row, dict):
             continue
         for what, names in needed:
-            if not any(c in row for c in names):
+            if not any(_has(row, c) for c in names):
                 listed = " / ".join(repr(c) for c in names)
                 problems.append(Problem(("rows", i), f"row {i} has no {listed} column (task {task.name} needs {what})"))
         missing = [c for c in template_columns if c not in row]
         if missing:
             message = f"row {i} lacks column(s) {', '.join(missing)} used by the prompt template"
             problems.append(Problem(("rows", i), message))
+        seed = _value(row, seed_column)
+        if seed is not MISSING and seed is not None:
+            try:
+                parse_seed(seed)
+            except ValueError as e:
+                problems.append(Problem(("rows", i), f"row {i}: {e}"))
     return problems
+
+
+def _value(row: dict, column: str) -> object:
+    try:
+        return column_value(row, column)
+    except ValueError:  # a bad column path is its own field's problem
+        return MISSING
+
+
+def _has(row: dict, column: str) -> bool:
+    return _value(row, column) is not MISSING
 
 
 def _graph_problems(steps: list[Any]) -> list[Problem]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import itertools
 import os
 import re
 import stat
@@ -26,8 +27,10 @@ from typing import Any, get_args
 from pydantic import BaseModel, ValidationError
 
 from lance_ray.errors import JobFileError
+from lance_ray.io.tables import TABLE_FORMATS, SourceError, expand_paths, read_records
 from lance_ray.spec.checks import job_problems, output_path_problems
-from lance_ray.spec.models import Job, is_uri
+from lance_ray.spec.inputs import RowMapping, sample_problems
+from lance_ray.spec.models import Job, Step, is_uri
 from lance_ray.spec.yaml_positions import Mark, PositionMap, load_yaml, position_in
 
 MAX_JOB_FILE_BYTES = 16 * 2**20
@@ -36,6 +39,10 @@ MAX_JOB_FILE_BYTES = 16 * 2**20
 # Line breaks (as str.splitlines sees them) and other control characters a message may echo from the
 # job file: escaped, so that one problem is always one line.
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+_FULL_READ_BYTES = 4 * 1024 * 1024  # tables up to this size are validated whole ...
+_SAMPLE_ROWS = 1000  # ... larger ones by their first rows
+_SAMPLED_TABLES = 8  # tables validated per step (a step may read thousands of shards)
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,9 @@ class JobSpecError(JobFileError):
 def load_job(path: str | Path, env: Mapping[str, str] | None = None, *, check_paths: bool = False) -> Job:
     """Load and validate a job file; relative paths in it are resolved against its directory.
 
-    `check_paths` also reports local input paths that do not exist on this machine (the CLI's
-    validate/plan/run turn it on; a file can be valid where its inputs are not yet present).
+    `check_paths` also reports local input paths that do not exist on this machine, and mistakes seen in
+    a sample of each local input table (an unmapped prompt column, media paths that do not exist ...);
+    the CLI's validate/plan/run turn it on (a file can be valid where its inputs are not yet present).
     """
     file = Path(path)
     text = _read_job_file(file, str(path))
@@ -152,7 +160,8 @@ def load_job_text(
         problems += [problem(p.path, f"{_dotted(positions.resolve(p.path))}: {p.message}")
                      for p in output_path_problems(job, loaded.data)]
     if job is not None and check_paths:
-        problems += [problem(loc, message) for loc, message in _missing_inputs(job, loaded.data)]
+        problems += [problem(loc, f"{_dotted(positions.resolve(loc)) or _dotted(loc)}: {message}")
+                     for loc, message in _missing_inputs(job, loaded.data)]
     # A value the loader already flagged (an unset ${VAR}) is garbage: say nothing more about it.
     flagged = {(p.line, p.col) for p in yaml_problems}
     problems = yaml_problems + [p for p in problems if (p.line, p.col) not in flagged]
@@ -162,23 +171,59 @@ def load_job_text(
 
 
 def _missing_inputs(job: Job, data: Any) -> list[tuple[tuple[Any, ...], str]]:
-    """Local input paths that do not exist and globs that match nothing, before any work starts.
+    """Before any work: local input paths that do not exist, match nothing or are not regular files; and
+    for table inputs, a sample of each table judged against what its step reads (`inputs.sample_problems`:
+    unmapped or missing prompt / media / mapped columns, template columns, media paths none of which
+    exist, repeated ids), each pointing at the job's `input` / `columns` entry.
 
-    URIs (s3://, ...) are checked when the run lists them; model directories are not checked here,
-    as a job submitted to a cluster may name a directory that exists only there.
+    URIs (s3://, ...) are read by the run, not here: a job may name a bucket only its cluster can read.
+    Model directories are not checked here either, as a job submitted to a cluster may name a
+    directory that exists only there.
     """
     found = []
     for i, step in enumerate(job.steps):
         raw = data["steps"][i]["input"].get("path")
+        base = ("steps", i, "input")
+        local = []
         for j, path in enumerate(step.input.path or []):
             if is_uri(path):
                 continue
-            loc = ("steps", i, "input", "path", j) if isinstance(raw, list) else ("steps", i, "input", "path")
+            loc = (*base, "path", j) if isinstance(raw, list) else (*base, "path")
             if glob.has_magic(path):
                 if not glob.glob(path, recursive=True):
-                    found.append((loc, f"steps[{i}].input.path: {path} matches no files"))
+                    found.append((loc, f"{path} matches no files"))
+                    continue
             elif not os.path.exists(path):
-                found.append((loc, f"steps[{i}].input.path: no such file or directory: {path}"))
+                found.append((loc, f"no such file or directory: {path}"))
+                continue
+            local.append((loc, path))
+        if len(local) == len(step.input.path or []) and local:
+            found += _sampled_table_problems(step, base, local)
+    return found
+
+
+def _sampled_table_problems(step: Step, base: tuple[Any, ...], paths: list[tuple[tuple[Any, ...], str]]
+                            ) -> list[tuple[tuple[Any, ...], str]]:
+    """Reads a sample of the step's local tables: every row of a table up to `_FULL_READ_BYTES`, else its
+    first `_SAMPLE_ROWS` rows; at most `_SAMPLED_TABLES` tables a step."""
+    found = []
+    mapping = RowMapping.for_step(step)
+    files = []
+    for loc, path in paths:
+        try:
+            files += [(loc, f) for f in expand_paths([path], step.input.format, step.spec.input_media)]
+        except SourceError as e:
+            found.append((loc, str(e).removeprefix("input ")))
+    tables = [(loc, f) for loc, f in files if f.kind in TABLE_FORMATS][:_SAMPLED_TABLES]
+    for loc, file in tables:
+        limit = None if (file.size or 0) <= _FULL_READ_BYTES else _SAMPLE_ROWS
+        try:
+            records = [r.data for r in itertools.islice(read_records(file), limit) if r.data is not None]
+        except SourceError as e:
+            found.append((loc, str(e).removeprefix("input ")))
+            continue
+        for problem in sample_problems(mapping, records, os.path.basename(file.uri), file.uri):
+            found.append(((*base, *problem.where), problem.message))
     return found
 
 

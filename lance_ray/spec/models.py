@@ -31,13 +31,15 @@ from pydantic import (
 from lance_ray.io.storage import output_location_problem
 from lance_ray.models.lance import TASK_NAMES, TASKS, Params, TaskSpec, source_kind, tasks_of
 from lance_ray.spec.checks import job_problems
+from lance_ray.spec.inputs import parse_column_path
+from lance_ray.spec.suites import SUITE_NAMES, SUITES
 from lance_ray.spec.templates import check_prompt_template
 
 TaskName = Literal[TASK_NAMES]  # type: ignore[valid-type]
 
 DEFAULT_MODEL_SOURCE = "bytedance-research/Lance"
 RUN_PLACEHOLDERS = ("run_date", "run_id")
-INPUT_FORMATS = ("auto", "jsonl", "csv", "parquet", "images", "videos")
+INPUT_FORMATS = ("auto", "jsonl", "csv", "parquet", "json", "images", "videos")
 OUTPUT_FORMATS = ("parquet", "lance", "webdataset")
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -148,7 +150,8 @@ class ModelsSpec(_Model):
 
 
 class ColumnMap(_Model):
-    """Which source column holds each canonical field (unmapped: the canonical name itself)."""
+    """Which source column holds each canonical field (unmapped: the canonical name itself). A column may
+    be a path into nested records: `additional_info.prompt`, `interleave_array[1]`."""
 
     prompt: str | None = Field(default=None, description="Column with the prompt.")
     instruction: str | None = Field(
@@ -160,7 +163,16 @@ class ColumnMap(_Model):
     image: str | None = Field(default=None, description="Column with the input image path/URI.")
     video: str | None = Field(default=None, description="Column with the input video path/URI.")
     seed: str | None = Field(default=None, description="Column with a per-row seed.")
-    row_id: str | None = Field(default=None, description="Column with a stable row id (else derived).")
+    row_id: str | None = Field(
+        default=None, description="Column with a stable row id (else derived from the row's content)."
+    )
+
+    @field_validator("*")
+    @classmethod
+    def _column_path(cls, column: str | None) -> str | None:
+        if column is not None:
+            parse_column_path(column)
+        return column
 
     def prompt_column(self) -> str | None:
         return self.prompt or self.instruction or self.question
@@ -183,6 +195,11 @@ class InputSpec(_Model):
         )
     )
     from_step: str | None = Field(default=None, description="Read the output rows of an earlier step.")
+    suite: Literal[SUITE_NAMES] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="`path` holds a benchmark's prompt file: its default columns, samples per prompt and "
+        "`lance-ray export` layout.",
+    )
     format: Literal[INPUT_FORMATS] = Field(  # type: ignore[valid-type]
         default="auto", description="How to read `path`; `auto` goes by file extension."
     )
@@ -195,6 +212,19 @@ class InputSpec(_Model):
         "(`Describe {{ subject }}.`). Quote it in YAML.",
     )
     limit: int | None = Field(default=None, ge=1, description="Read at most this many rows.")
+    samples_per_prompt: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Rows made from each input row (ids `<id>-<n>`); sample n is seeded with seed + n. "
+        "Default 1, or the suite's.",
+    )
+    media_root: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Folder (or URI) that relative media paths in a table are relative to; default: the "
+        "table's own folder.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -205,6 +235,11 @@ class InputSpec(_Model):
             if not p:
                 raise ValueError("an input path must not be empty")
         return [_resolve_path(p, info) for p in paths]
+
+    @field_validator("media_root")
+    @classmethod
+    def _resolve_media_root(cls, root: str | None, info: ValidationInfo) -> str | None:
+        return None if root is None else _resolve_path(root, info)
 
     @field_validator("prompt")
     @classmethod
@@ -218,6 +253,13 @@ class InputSpec(_Model):
         if self.rows is not None:
             return "rows"
         return "path" if self.path is not None else "from_step"
+
+    @property
+    def samples(self) -> int:
+        """Rows made from each input row: `samples_per_prompt`, else the suite's, else 1."""
+        if self.samples_per_prompt is not None:
+            return self.samples_per_prompt
+        return SUITES[self.suite].samples_per_prompt if self.suite else 1
 
 
 def _output_shorthand(value: Any) -> Any:

@@ -44,6 +44,12 @@ _DECODING = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "system_pr
 _VIDEO_OUT = {"frames": 49, "fps": 12}
 # `height`/`width` default to the preset's output size (`Preset.output_size`), hence None here.
 _SIZE = {"height": None, "width": None}
+# Longest prompt / instruction / question a row may bring, in characters (counted before tokenizing, in
+# the CPU stage that reads rows, where the tokenizer is not loaded). Qwen2's tokenizer makes about one
+# token per 4 characters of English text and about one per character of CJK text, so this is at most
+# a few thousand tokens: far below the context, and a bound on what one row can cost (attention is
+# quadratic in the prompt).
+MAX_PROMPT_CHARS = 8192
 
 
 def floor_to_multiple(pixels: int) -> int:
@@ -82,6 +88,7 @@ class TaskSpec:
     cost: CostModel
     multi_turn: bool = False  # `turns:` chains instructions, each on the previous turn's result
     summary: str = ""  # one line for docs
+    max_prompt_chars: int = MAX_PROMPT_CHARS  # a longer prompt is a row error
 
     @property
     def params(self) -> frozenset[str]:

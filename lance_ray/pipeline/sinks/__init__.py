@@ -15,6 +15,8 @@ Adding a format: a module with a `Sink` subclass, one line in `SINKS`, its name 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pyarrow as pa
 
 from lance_ray.pipeline.sinks.base import (
@@ -56,6 +58,17 @@ def committed_row_ids(output_uri: str, include_errors: bool = True) -> set[str]:
     return ParquetSink(output_uri, "").committed_ids(include_errors)
 
 
+def committed_parts(output_uri: str) -> list[str]:
+    """The file names of a Parquet step output's committed parts, oldest first."""
+    return ParquetSink(output_uri, "").part_names()
+
+
+def iter_step_output(output_uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """A Parquet step output's committed parts, newest first, one at a time (media URIs resolved): keep
+    each row id's first version to see `read_step_output`'s rows (streaming `from_step` reads this way)."""
+    return ParquetSink(output_uri, "").iter_parts_newest_first(columns)
+
+
 def read_step_output(output_uri: str) -> pa.Table:
     """A Parquet step output's committed rows in `OUTPUT_SCHEMA`, one per row id, media URIs resolved
     (lance-ray's own reader, used by `from_step`)."""
@@ -64,6 +77,7 @@ def read_step_output(output_uri: str) -> pa.Table:
 
 __all__ = [
     "BOOKKEEPING_DIR", "MANIFEST_NAME", "MEDIA_DIR", "SINKS", "EncodedMedia", "LanceMergeSink", "LanceSink",
-    "OutputLocked", "OutputRow", "ParquetSink", "Sink", "WebDatasetSink", "committed_row_ids", "locked_outputs", "open_sink",
+    "OutputLocked", "OutputRow", "ParquetSink", "Sink", "WebDatasetSink", "committed_parts", "committed_row_ids",
+    "iter_step_output", "locked_outputs", "open_sink",
     "output_table", "part_name", "read_manifest", "read_step_output", "write_part",
 ]

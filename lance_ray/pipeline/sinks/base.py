@@ -93,6 +93,10 @@ class Sink(ABC):
         """Row ids already committed. `include_errors=False` leaves out rows whose committed version is an
         error, so a run with --retry-failed runs them again."""
 
+    def is_empty(self) -> bool:
+        """Whether nothing is committed yet (a fresh output: no committed ids to fetch)."""
+        return not self.committed_ids()
+
     @abstractmethod
     def read(self) -> pa.Table:
         """The committed rows in `OUTPUT_SCHEMA`, one per row id, media URIs resolved."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -124,11 +124,25 @@ class PartSink(Sink):
             latest.update(part.rows)
         return {row_id for row_id, error in latest.items() if include_errors or error is None}
 
+    def is_empty(self) -> bool:
+        return not self._list_parts()
+
     def read(self) -> pa.Table:
         parts = _oldest_first(self._list_parts(), self._started_with)
         tables = [self._read_table(storage.read_bytes(part.uri)) for part in parts]
         table = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
         return self._resolve_media(_keep_last(table))
+
+    def iter_parts_newest_first(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Each committed part's rows (media URIs resolved), newest part first, one part in memory at a
+        time: a reader that keeps each row id's first version sees what `read` returns."""
+        for part in reversed(_oldest_first(self._list_parts(), self._started_with)):
+            table = self._resolve_media(self._read_table(storage.read_bytes(part.uri)))
+            yield table if columns is None else table.select(columns)
+
+    def part_names(self) -> list[str]:
+        """The committed parts' file names, oldest first."""
+        return [part.name for part in _oldest_first(self._list_parts(), self._started_with)]
 
     def reset(self) -> None:
         parts = self._index()
