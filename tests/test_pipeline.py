@@ -263,7 +263,7 @@ def test_a_stuck_decode_becomes_a_row_error(monkeypatch: pytest.MonkeyPatch) -> 
     import threading
 
     from lance_ray.models.lance import TASKS
-    from lance_ray.pipeline import worker
+    from lance_ray.pipeline import sinks, worker
     from lance_ray.spec import Params
     from lance_ray.spec.rows import PREPARED_SCHEMA, Row, rows_from_table, rows_to_table
 
@@ -278,7 +278,8 @@ def test_a_stuck_decode_becomes_a_row_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(worker.media, "decode_image", decode)
     task = TASKS["image_edit"]
     params = task.resolve(Params())
-    ctx = worker.StepContext("edit", task, params, task.settings(params), "/unused", timeout_s=1.0)
+    ctx = worker.StepContext("edit", task, params, task.settings(params), "/unused",
+                             sink=sinks.ParquetSink("/unused", "edit"), timeout_s=1.0)
     image = str(DATASETS / "images" / "tiles_256x256.png")
     rows = [Row("ok", "edit", prompt="p", image=image), Row("stuck", "edit", prompt="p", image=image + "?stuck")]
     out = rows_from_table(worker.prepare_rows(rows_to_table(rows, PREPARED_SCHEMA), {"edit": ctx}))
