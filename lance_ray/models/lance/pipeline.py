@@ -27,6 +27,7 @@ from . import preprocess
 from .checkpoint import CheckpointFiles, resolve_checkpoint
 from .generate import generate_media, media_rows, text_rows
 from .loader import LoadStats, load_lance_model
+from .official_random import OfficialRun
 from .sequence import build_understanding
 from .settings import DecodeSettings, GenerationSettings
 from .tasks import TaskSpec, get_task
@@ -133,7 +134,10 @@ class LancePipeline:
     def run(self, task: TaskSpec, media: list[np.ndarray] | None, prompts: list, *, seeds: list[int],
             settings: DecodeSettings | GenerationSettings, max_batch_size: int | None = None) -> list:
         """Run `task` over rows given as parallel lists: input media (None for prompt-only tasks), prompts and
-        seeds. Returns answers (str) for understanding tasks, uint8 pixels otherwise."""
+        seeds. Returns answers (str) for understanding tasks, uint8 pixels otherwise.
+
+        With `settings.seed_mode == "official"` the rows are one run of the official script, in the order
+        given: every random draw of that run is reproduced (official_random.py)."""
         if len(seeds) != len(prompts) or (media is not None and len(media) != len(prompts)):
             raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds and "
                              f"{'no' if media is None else len(media)} inputs do not line up")
@@ -145,8 +149,10 @@ class LancePipeline:
             rows = text_rows(prompts, settings.height, settings.width, settings.frames or 1, seeds)
         else:
             rows = media_rows(media, prompts, settings.preset, seeds, frames=settings.frames)
+        official = (OfficialRun(self.model.llm_cfg, self.model.vit_cfg, self.device)
+                    if settings.seed_mode == "official" else None)
         return generate_media(self.model, self.tokenizer, self.vae, task, rows, settings.sampler,
-                              preset=settings.preset, max_batch_size=max_batch_size)
+                              preset=settings.preset, max_batch_size=max_batch_size, official=official)
 
     def _understand(self, media: list[np.ndarray], questions: list[str | None], kind: str, seeds: list[int],
                     settings: DecodeSettings) -> list[str]:

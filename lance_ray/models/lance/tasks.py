@@ -145,7 +145,7 @@ class TaskSpec:
             cfg_interval=(params.cfg_interval[0], params.cfg_interval[1]),
             cfg_renorm_min=params.cfg_renorm_min,
         )
-        return GenerationSettings(sampler, params.preset, params.height, params.width, params.frames)
+        return GenerationSettings(sampler, params.preset, params.seed_mode, params.height, params.width, params.frames)
 
 
 def _task(name: str, family: Family, input_media: MediaKind | None, output: OutputKind, *,
