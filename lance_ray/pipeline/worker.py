@@ -55,7 +55,9 @@ def row_seed(params: Params, row_id: str, seed_override: int | None) -> int:
 
     The official script gives every prompt of a run the same noise; for a dataset that means identical
     noise for every row, so by default each row gets a seed derived from (step seed, row_id): stable
-    across runs and independent of batching.
+    across runs and independent of batching. In official mode the seed is the official run's
+    `VALIDATION_DATA_SEED`; the run's other draws (ε of the conditioning media, crop offsets, the noise
+    of seed 0) come from its fixed start-up seed, 2025 (`lance_ray.models.lance.official_random`).
     """
     if seed_override is not None:
         return int(seed_override)
@@ -147,6 +149,11 @@ class LanceWorker:
                 by_step[row.step].append(row)
         for step_name, members in by_step.items():
             size = self.batch_sizes.get(step_name, 1)
+            settings = self.steps[step_name].settings
+            if isinstance(settings, GenerationSettings) and settings.seed_mode == "official":
+                # A model call is one official run; a step's rows are spread over actors and batches and
+                # resumed in any order, so each row is its own run, as one official invocation per row.
+                size = 1
             for start in range(0, len(members), size):
                 self._run_chunk(self.steps[step_name], members[start : start + size])
         for row in rows:
