@@ -14,16 +14,18 @@ from lance_ray.models.lance import preprocess
 
 ROOT = Path(__file__).parent / "fixtures" / "golden" / "official_runs"
 NAMES = sorted(p.name for p in ROOT.iterdir() if (p / "meta.json").exists())
+UNDERSTANDING = [name for name in NAMES if name.startswith("x2t")]
+GENERATION = [name for name in NAMES if name not in UNDERSTANDING]
 
 
 @dataclass(frozen=True)
 class OfficialRow:
     media: str | None  # input file under ROOT/inputs (None for t2i/t2v)
-    prompt: str
-    pixels: np.ndarray  # the official output: an image [H, W, 3], or a video's frames `frames_kept` [n, H, W, 3]
-    output_shape: tuple[int, ...]  # the whole official output
-    frames_kept: list[int]
-    meta: dict
+    prompt: str | None  # None: an x2t caption (no question)
+    pixels: np.ndarray | None  # the official output: an image [H, W, 3], or a video's frames `frames_kept`
+    output_shape: tuple[int, ...] | None  # the whole official output
+    frames_kept: list[int] | None
+    meta: dict  # the row's meta.json entry (x2t: `generated_text`)
 
     def compare(self, actual: np.ndarray) -> np.ndarray:
         """Our output cut to what the fixture keeps (whole shapes must agree)."""
@@ -42,6 +44,9 @@ class OfficialRun:
     def params(self) -> dict:
         """The run's flags as lance-ray params (a job step's `params`, the Python API's keyword arguments)."""
         s = self.settings
+        if s["task"].startswith("x2t"):
+            return {"preset": s["resolution"], "seed": s["seed"], "seed_mode": "official",
+                    "max_new_tokens": s["max_new_tokens"]}
         params = {"preset": s["resolution"], "seed": s["seed"], "seed_mode": "official", "steps": s["steps"],
                   "cfg_scale": s["cfg"], "shift": 3.5}
         if s["task"] in ("t2i", "t2v"):
@@ -56,9 +61,11 @@ def load(name: str) -> OfficialRun:
     arrays = dict(np.load(ROOT / name / "rows.npz"))
     rows = []
     for k, r in enumerate(meta["rows"]):
-        pixels = arrays[f"pixels_{k}"]
-        shape = tuple(r["output_shape"][1:] if pixels.ndim == 3 else r["output_shape"])  # an image: [H, W, 3]
-        rows.append(OfficialRow(r["media"], r["prompt"], pixels, shape, r["frames_kept"], r))
+        pixels = arrays.get(f"pixels_{k}")
+        shape = None
+        if pixels is not None:
+            shape = tuple(r["output_shape"][1:] if pixels.ndim == 3 else r["output_shape"])  # an image: [H, W, 3]
+        rows.append(OfficialRow(r["media"], r["prompt"], pixels, shape, r.get("frames_kept"), r))
     return OfficialRun(name, meta["settings"], rows, arrays)
 
 

@@ -3,8 +3,8 @@
 1. Every number is reachable from a job file: float32 jobs on the tiny checkpoint (golden LLM/ViT weights, small
    VAE) with the golden settings give the official x2t answers, and t2i/t2v media equal to decoding the official
    final latents with the same small VAE (the job's output holds no latents; the VAE has its own goldens).
-   Under `seed_mode: official`, i2v / image_edit / video_edit (and t2i with seed 0) give the official pixels of
-   runs of the official code itself on the same checkpoint (tests/fixtures/golden/official_runs/).
+   Under `seed_mode: official`, i2v / image_edit / video_edit (and t2i with seed 0, and captions) give the official
+   pixels (texts) of runs of the official code itself on the same checkpoint (tests/fixtures/golden/official_runs/).
 2. Real media files (EXIF-rotated JPEG, RGBA PNG, grayscale JPEG, odd-length 25 fps MP4, display-rotated MP4, a
    corrupt file) through image_edit / video_edit jobs, and a multi-turn edit chained into a caption step.
 """
@@ -112,12 +112,13 @@ def test_job_reproduces_official_outputs(tmp_path: Path, tiny_ckpt: Path) -> Non
 def test_official_mode_jobs_reproduce_official_runs(tmp_path: Path, tiny_ckpt: Path) -> None:
     """Each row of a `seed_mode: official` step is reproduced as the official script run on that row: the first
     row of every official run in the fixtures (other seeds, non-square and non-bucket inputs, a drawn crop
-    offset, 5 and 9 frames, CFG 4 and 1), through a job file, compared pixel by pixel."""
+    offset, 5 and 9 frames, CFG 4 and 1, seed 0, captions), through a job file, compared pixel by pixel (and
+    the captions' text)."""
     runs = [official_runs.load(name) for name in official_runs.NAMES]
     steps = []
     for run in runs:
         first = run.rows[0]
-        row = {"prompt": first.prompt}
+        row = {} if first.prompt is None else {"prompt": first.prompt}  # no prompt: a caption
         if first.media is not None:
             row["video" if first.media.endswith(".mp4") else "image"] = str(official_runs.input_path(first.media))
         steps.append({"name": run.name.replace("_", "-"), "task": run.settings["task"], "input": {"rows": [row]},
@@ -127,6 +128,9 @@ def test_official_mode_jobs_reproduce_official_runs(tmp_path: Path, tiny_ckpt: P
         (row,) = out[run.name.replace("_", "-")].values()
         assert row["error"] is None and row["seed"] == run.settings["seed"]
         assert json.loads(row["params"])["seed_mode"] == "official"
+        if run.rows[0].pixels is None:  # a caption: the instruction of the run's first pick, the official answer
+            assert row["text"] == run.rows[0].meta["generated_text"]
+            continue
         uri = row["media_uri"]
         pixels = media.decode_image(uri) if uri.endswith(".png") else media.decode_video(uri)
         official_runs.assert_official_pixels(run.rows[0].compare(pixels), run.rows[0].pixels, identical=0.999)

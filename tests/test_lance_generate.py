@@ -298,7 +298,7 @@ def test_pipeline_i2v_keeps_the_image_latent(pipes, monkeypatch: pytest.MonkeyPa
 # ---------------------------------------------------------------------------------------------------------------
 # seed_mode: official -- whole runs of the official script (tests/fixtures/golden/official_runs/)
 
-@pytest.mark.parametrize("run_name", official_runs.NAMES)
+@pytest.mark.parametrize("run_name", official_runs.GENERATION)
 def test_python_api_reproduces_an_official_run(run_name: str, pipes) -> None:
     """One call with `seed_mode="official"` is one official run over its rows, in order: every row's pixels are
     the official ones, the later rows' too (their ε comes after the earlier rows' draws), whatever the batching.

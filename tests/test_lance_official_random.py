@@ -2,8 +2,9 @@
 
 Fixtures: tests/fixtures/golden/official_runs/ (made by its make_official_runs.py from whole runs of the
 official code on the tiny checkpoint): for every row of every run, the official posterior noise ε of the
-conditioning latent (sha256 + first values) and the crops torchvision drew.  These tests need no model:
-only the start-up replay (about a second for the tiny checkpoint) and each row's draws.
+conditioning latent (sha256 + first values), the crops torchvision drew and, for captions, the instruction
+python's `random` picked.  These tests need no model: only the start-up replay (about a second for the tiny
+checkpoint) and each row's draws -- except the last, the Python API captioning whole official runs.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from official_runs import NAMES, ROOT, load_input
+from official_runs import GENERATION, NAMES, ROOT, UNDERSTANDING, load, load_input
 
 from lance_ray.models.lance import preprocess
 from lance_ray.models.lance.config import LLMConfig, ViTConfig
 from lance_ray.models.lance.official_random import GLOBAL_SEED, Draw, OfficialRun, startup_draws
+from lance_ray.models.lance.sequence import caption_instructions
 from lance_ray.models.lance.tasks import TASKS
 
 
@@ -36,7 +38,7 @@ def media_shape(name: str | None) -> tuple[int, int, int] | None:
     return (1, *pixels.shape[:2]) if pixels.ndim == 3 else pixels.shape[:3]
 
 
-@pytest.mark.parametrize("run_name", NAMES)
+@pytest.mark.parametrize("run_name", GENERATION)
 def test_every_row_draws_the_official_posterior_noise_and_crops(run_name: str, tiny_ckpt: Path) -> None:
     meta = json.loads((ROOT / run_name / "meta.json").read_text())
     stored = np.load(ROOT / run_name / "rows.npz")
@@ -94,3 +96,37 @@ def test_the_cpu_generator_is_replayed_only_when_a_value_is_needed(tiny_ckpt: Pa
     for draw in startup_draws(llm, vit) + [Draw("uniform", (1,))] * 20:
         draw.replay(expected)
     assert torch.equal(noise.noise, torch.randn(6, 48, generator=expected))
+
+
+@pytest.mark.parametrize("run_name", UNDERSTANDING)
+def test_every_caption_row_draws_the_official_instruction_and_crops(run_name: str, tiny_ckpt: Path) -> None:
+    run = load(run_name)
+    kind = TASKS[run.settings["task"]].input_media
+    official = OfficialRun(*_configs(tiny_ckpt, run.settings["family"]), "cpu")
+    instructions = caption_instructions(kind)
+    picked = []
+    for row in run.rows:
+        draws = official.understanding_row(media_shape(row.media), run.settings["resolution"], instructions)
+        assert f"<|im_start|>system\n{draws.instruction}<|im_end|>" in row.meta["prompt_text"]
+        picked.append(instructions.index(draws.instruction))
+        offsets = draws.vit_offsets or [None] * len(row.meta["crops_top_left_h_w"])
+        for ours, (top, left, _, _) in zip(offsets, row.meta["crops_top_left_h_w"], strict=True):
+            assert ours in (None, (top, left))
+    assert len(set(picked)) > 1  # the rows did not all get the same instruction
+
+
+@pytest.mark.parametrize("run_name", UNDERSTANDING)
+def test_python_api_captions_like_an_official_run(run_name: str, tiny_ckpt: Path) -> None:
+    """A caption call with `seed_mode="official"` is one official run: each row's instruction is python's next
+    pick, so each answer is the official one (the tiny model's greedy tokens show which instruction it read)."""
+    from lance_ray.models.lance.pipeline import LancePipeline
+
+    run = load(run_name)
+    pipe = LancePipeline.from_pretrained(str(tiny_ckpt), family=run.settings["family"], device="cpu",
+                                         dtype="float32")
+    task = run.settings["task"]
+    answers = getattr(pipe, task)([load_input(row.media) for row in run.rows], [None] * len(run.rows), **run.params)
+    assert answers == [row.meta["generated_text"] for row in run.rows]
+    per_row = getattr(pipe, task)([load_input(row.media) for row in run.rows], [None] * len(run.rows),
+                                  **{**run.params, "seed_mode": "per_row"})
+    assert per_row != answers  # the first instruction for every row is not what the official run reads

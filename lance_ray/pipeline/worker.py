@@ -149,8 +149,7 @@ class LanceWorker:
                 by_step[row.step].append(row)
         for step_name, members in by_step.items():
             size = self.batch_sizes.get(step_name, 1)
-            settings = self.steps[step_name].settings
-            if isinstance(settings, GenerationSettings) and settings.seed_mode == "official":
+            if self.steps[step_name].settings.seed_mode == "official":
                 # A model call is one official run; a step's rows are spread over actors and batches and
                 # resumed in any order, so each row is its own run, as one official invocation per row.
                 size = 1

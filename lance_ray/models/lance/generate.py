@@ -19,9 +19,10 @@ target shape at once:
 
 Conditions are given already encoded (`GenerationInput`): edits bring the source's ViT tokens and its
 (sampled) VAE latent, which enter the prefix with σ = 0; i2v brings the first frame's latent.  Each sample's
-initial noise comes from its own seed (sampler.initial_noise: all latent rows drawn, the denoised rows take
-the tail) -- or is given, drawn by the official run (`seed_mode: official` with seed 0) -- so a sample's
-result does not depend on its batch neighbours.
+initial noise comes from its own seed (sampler.initial_noise: all latent rows drawn on the CPU, the denoised
+rows take the tail) -- or is given, drawn as the official run draws it (`seed_mode: official`: on the
+model's device, so a CUDA draw on a GPU; the global generator for seed 0) -- so a sample's result does not
+depend on its batch neighbours.
 
 From media to media (what `LancePipeline`'s generation methods call): `MediaRow` per input row, then
 `generate_media` groups rows by target shape, and per batch of at most `max_batch_size` rows encodes the
@@ -403,8 +404,8 @@ def generate_media(
     Returns, in row order, uint8 images (H, W, 3) for t2i/image_edit and videos (T, H, W, 3) otherwise,
     or with `return_latents` the float32 CPU target latents [t, h, w, 48].  `preset` sizes the conditioning
     media (edits, i2v).  `vae` may be None only for t2i/t2v with `return_latents`.  With `official`, the rows
-    are the official run's rows, in order: its draws replace the per-row ones (ε, crop offsets, the noise of
-    seed 0).
+    are the official run's rows, in order: its draws replace the per-row ones (ε, crop offsets, the initial
+    noise).
     """
     task = get_task(task) if isinstance(task, str) else task
     if max_batch_size is not None and max_batch_size < 1:

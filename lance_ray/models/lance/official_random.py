@@ -19,9 +19,12 @@ row k     the dataset, CPU generator: torchvision `RandomResizedCrop` per frame 
           GPU): one float32 `randn_like` [1, 48, t, h, w] per encoded clip -- edits: the source (its
           posterior sample ε) then the placeholder (discarded); i2v: the whole T-frame clip, of which
           latent frame 0 is kept.
-          The initial noise has its own generator (seed + i_sample = seed at batch size 1), except for a
-          seed <= 0: then it is drawn from the global generator of the model's device, after the encode.
+          The initial noise [all latent rows, 48] in the model's dtype, on the model's device (a CUDA
+          generator on a GPU): from its own generator seeded with seed + i_sample (= the seed at batch
+          size 1), except for a seed <= 0: then from the global generator of that device, after the encode.
           t2i and t2v rows draw nothing else from torch (python `random` picks among one-element lists).
+          x2t rows: `RandomResizedCrop` per frame of the ViT stream, and for a caption (no question) python
+          `random.choice` of the four caption instructions.
 
 `OfficialRun` holds those generators and hands each row its draws, rows in the run's order.  The CPU
 generator is replayed only when one of its values is needed (on a CPU: every ε; on a GPU: only a crop
@@ -36,6 +39,7 @@ draws.
 from __future__ import annotations
 
 import functools
+import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,7 +117,8 @@ class RowDraws:
     eps: torch.Tensor | None = None  # float32 [48, t, h, w] on the VAE's device: posterior noise of the condition
     vit_offsets: list[tuple[int, int]] | None = None  # per source frame, (top, left) of the ViT-stream crop
     vae_offsets: list[tuple[int, int]] | None = None  # same for the VAE stream
-    noise: torch.Tensor | None = None  # [n_rows, 48] initial noise of a seed <= 0 (all latent rows)
+    noise: torch.Tensor | None = None  # [n_rows, 48] initial noise (all latent rows), on the model's device
+    instruction: str | None = None  # x2t: the caption instruction python's `random` picked
 
 
 class OfficialRun:
@@ -126,6 +131,7 @@ class OfficialRun:
         self._pending: list[Draw] = []  # CPU draws made since, not replayed yet
         self._cuda = (None if self.device.type == "cpu"
                       else torch.Generator(self.device).manual_seed(GLOBAL_SEED))
+        self._python = random.Random(GLOBAL_SEED)  # set_seed seeds python's `random` too
 
     # ---- the generators --------------------------------------------------------------------------------
     def _cpu_generator(self) -> torch.Generator:
@@ -177,7 +183,7 @@ class OfficialRun:
                        frames: int | None, seed: int, noise_rows: int, noise_dtype: torch.dtype) -> RowDraws:
         """The official draws of the next row of a generation run: `media_shape` = (T, H, W) of its input
         media (None for t2i/t2v), `frames` the run's NUM_FRAMES (i2v), `noise_rows` the latent rows of its
-        initial noise (drawn here only for a seed <= 0, in `noise_dtype`)."""
+        initial noise, drawn in `noise_dtype` on the device as the official code draws it."""
         row = RowDraws()
         if task.conditioning != "none":
             if media_shape is None:
@@ -201,8 +207,22 @@ class OfficialRun:
                 row.eps = eps
             else:
                 row.eps = eps[:, :1]  # latent frame 0: the image
-        if seed <= 0:
-            row.noise = self._device_randn((noise_rows, LATENT_CHANNELS), dtype=noise_dtype)
+        shape = (noise_rows, LATENT_CHANNELS)
+        if seed <= 0:  # the official "unseeded" noise: the global generator
+            row.noise = self._device_randn(shape, dtype=noise_dtype)
+        else:  # its own generator of the device's kind (on a GPU, CUDA Philox: not the CPU's values)
+            generator = torch.Generator(self.device).manual_seed(seed)
+            row.noise = torch.randn(shape, generator=generator, device=self.device, dtype=noise_dtype)
+        return row
+
+    def understanding_row(self, media_shape: tuple[int, int, int], preset: str,
+                          instructions: tuple[str, ...] | None) -> RowDraws:
+        """The official draws of the next row of an x2t run: the ViT-stream crops of its (T, H, W) media and,
+        given the `instructions` to pick from (a row without a system prompt), python's pick."""
+        count, height, width = media_shape
+        row = RowDraws(vit_offsets=self.crop_offsets(height, width, count, preset, "vit"))
+        if instructions is not None:
+            row.instruction = self._python.choice(instructions)
         return row
 
     def _encode_discarded(self, grid: tuple[int, int, int]) -> None:

@@ -28,7 +28,7 @@ from .checkpoint import CheckpointFiles, resolve_checkpoint
 from .generate import generate_media, media_rows, text_rows
 from .loader import LoadStats, load_lance_model
 from .official_random import OfficialRun
-from .sequence import build_understanding
+from .sequence import build_understanding, caption_instructions
 from .settings import DecodeSettings, GenerationSettings
 from .tasks import TaskSpec, get_task
 from .tokenizer import LanceTokenizer
@@ -143,25 +143,33 @@ class LancePipeline:
                              f"{'no' if media is None else len(media)} inputs do not line up")
         if not prompts:
             return []
+        official = (OfficialRun(self.model.llm_cfg, self.model.vit_cfg, self.device)
+                    if settings.seed_mode == "official" else None)
         if isinstance(settings, DecodeSettings):
-            return self._understand(media, prompts, task.input_media, seeds, settings)
+            return self._understand(media, prompts, task.input_media, seeds, settings, official)
         if task.input_media is None:
             rows = text_rows(prompts, settings.height, settings.width, settings.frames or 1, seeds)
         else:
             rows = media_rows(media, prompts, settings.preset, seeds, frames=settings.frames)
-        official = (OfficialRun(self.model.llm_cfg, self.model.vit_cfg, self.device)
-                    if settings.seed_mode == "official" else None)
         return generate_media(self.model, self.tokenizer, self.vae, task, rows, settings.sampler,
                               preset=settings.preset, max_batch_size=max_batch_size, official=official)
 
     def _understand(self, media: list[np.ndarray], questions: list[str | None], kind: str, seeds: list[int],
-                    settings: DecodeSettings) -> list[str]:
+                    settings: DecodeSettings, official: OfficialRun | None) -> list[str]:
         merge = self.model.vit_cfg.spatial_merge_size
-        patches, grids = [], []
+        patches, grids, system_prompts = [], [], []
         for frames in media:
-            p, grid = preprocess.vit_patches(preprocess.resize_to_bucket(frames, settings.preset, "vit"))
+            system_prompt, offsets = settings.system_prompt, None
+            if official is not None:  # the official run's draws, row by row
+                frames = frames[None] if frames.ndim == 3 else frames
+                draws = official.understanding_row(
+                    frames.shape[:3], settings.preset, caption_instructions(kind) if system_prompt is None else None)
+                system_prompt = system_prompt if draws.instruction is None else draws.instruction
+                offsets = draws.vit_offsets
+            p, grid = preprocess.vit_patches(preprocess.resize_to_bucket(frames, settings.preset, "vit", offsets))
             patches.append(p)
             grids.append(grid)
+            system_prompts.append(system_prompt)
         with torch.inference_mode():
             # One ViT pass over the whole batch; visuals never attend to each other.
             vit_out = self.model.vit(torch.cat(patches).to(self.device), grids)
@@ -169,9 +177,9 @@ class LancePipeline:
         vit_tokens = [[chunk] for chunk in vit_out.split(counts)]
         layouts = [
             build_understanding(self.tokenizer, q or "", [(t, h // merge, w // merge)],
-                                system_prompt=settings.system_prompt, kind=kind,
+                                system_prompt=system_prompt, kind=kind,
                                 tokens_per_second=self.model.llm_cfg.tokens_per_second)
-            for q, (t, h, w) in zip(questions, grids, strict=True)
+            for q, (t, h, w), system_prompt in zip(questions, grids, system_prompts, strict=True)
         ]
         result = generate_text(self.model, layouts, vit_tokens, eos_id=self.tokenizer.special.im_end,
                                vocab_limit=len(self.tokenizer), max_new_tokens=settings.max_new_tokens,

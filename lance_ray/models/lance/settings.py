@@ -42,6 +42,9 @@ class DecodeSettings:
     """x2t_image / x2t_video: greedy (temperature 0) or nucleus sampling."""
 
     preset: str  # how the input media are resized for the ViT
+    # official: a call's rows are one official run, whose draws give the caption instruction of a row without a
+    # system prompt and the ViT crop offsets (official_random.py)
+    seed_mode: SeedMode
     max_new_tokens: int
     temperature: float
     top_p: float

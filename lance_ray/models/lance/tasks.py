@@ -133,6 +133,7 @@ class TaskSpec:
         if self.output == "text":
             return DecodeSettings(
                 preset=params.preset,
+                seed_mode=params.seed_mode,
                 max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature,
                 top_p=params.top_p,
