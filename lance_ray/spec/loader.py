@@ -155,7 +155,8 @@ def _hub_ids_named_like_folders(job: Job, data: Any, base_dir: str) -> list[tupl
     found = []
     for family, loc in _written_models(job, data):
         source = job.model_for(family).source
-        if job.model_for(family).kind == "hub" and os.path.isdir(os.path.join(base_dir, source)):
+        here = os.path.isdir(os.path.join(base_dir, source)) or os.path.isdir(source)  # beside the file, or the cwd
+        if job.model_for(family).kind == "hub" and here:
             found.append((loc, f"warning: {source} is read as a Hugging Face repo id, but there is a folder of that "
                                f"name here; write ./{source} for the folder"))
     return found

@@ -112,7 +112,7 @@ def _startup_state(llm: LLMConfig, vit: ViTConfig) -> torch.Tensor:
 
 @dataclass
 class RowDraws:
-    """What the official run drew for one generation row that lance-ray uses."""
+    """The official run's draws for one row, those lance-ray uses (the others only move the generators)."""
 
     eps: torch.Tensor | None = None  # float32 [48, t, h, w] on the VAE's device: posterior noise of the condition
     vit_offsets: list[tuple[int, int]] | None = None  # per source frame, (top, left) of the ViT-stream crop
