@@ -58,7 +58,7 @@ class OfficialRun:
 
 def load(name: str) -> OfficialRun:
     meta = json.loads((ROOT / name / "meta.json").read_text())
-    arrays = dict(np.load(ROOT / name / "rows.npz"))
+    arrays = dict(np.load(ROOT / name / "rows.npz")) if (ROOT / name / "rows.npz").exists() else {}
     rows = []
     for k, r in enumerate(meta["rows"]):
         pixels = arrays.get(f"pixels_{k}")
