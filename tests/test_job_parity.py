@@ -113,7 +113,8 @@ def test_official_mode_jobs_reproduce_official_runs(tmp_path: Path, tiny_ckpt: P
     """Each row of a `seed_mode: official` step is reproduced as the official script run on that row: the first
     row of every official run in the fixtures (other seeds, non-square and non-bucket inputs, a drawn crop
     offset, 5 and 9 frames, CFG 4 and 1, seed 0, captions), through a job file, compared pixel by pixel (and
-    the captions' text)."""
+    the captions' text). The image steps hold that row twice in one batch: each copy is its own run, so both
+    are the official first row (one run over both would give the second one the run's second draws)."""
     runs = [official_runs.load(name) for name in official_runs.NAMES]
     steps = []
     for run in runs:
@@ -121,19 +122,23 @@ def test_official_mode_jobs_reproduce_official_runs(tmp_path: Path, tiny_ckpt: P
         row = {} if first.prompt is None else {"prompt": first.prompt}  # no prompt: a caption
         if first.media is not None:
             row["video" if first.media.endswith(".mp4") else "image"] = str(official_runs.input_path(first.media))
-        steps.append({"name": run.name.replace("_", "-"), "task": run.settings["task"], "input": {"rows": [row]},
-                      "params": run.params, "output": {"video_codec": "ffv1"}})  # lossless: pixels compare
+        copies = 2 if run.settings["family"] == "image" else 1
+        steps.append({"name": run.name.replace("_", "-"), "task": run.settings["task"],
+                      "input": {"rows": [row] * copies}, "params": run.params, "resources": {"batch_size": 2},
+                      "output": {"video_codec": "ffv1"}})  # lossless: pixels compare
     out = _run(tmp_path, tiny_ckpt, steps)
     for run in runs:
-        (row,) = out[run.name.replace("_", "-")].values()
-        assert row["error"] is None and row["seed"] == run.settings["seed"]
-        assert json.loads(row["params"])["seed_mode"] == "official"
-        if run.rows[0].pixels is None:  # a caption: the instruction of the run's first pick, the official answer
-            assert row["text"] == run.rows[0].meta["generated_text"]
-            continue
-        uri = row["media_uri"]
-        pixels = media.decode_image(uri) if uri.endswith(".png") else media.decode_video(uri)
-        official_runs.assert_official_pixels(run.rows[0].compare(pixels), run.rows[0].pixels, identical=0.999)
+        rows = list(out[run.name.replace("_", "-")].values())
+        assert len(rows) == (2 if run.settings["family"] == "image" else 1)
+        for row in rows:
+            assert row["error"] is None and row["seed"] == run.settings["seed"]
+            assert json.loads(row["params"])["seed_mode"] == "official"
+            if run.rows[0].pixels is None:  # a caption: the instruction of the run's first pick, the official answer
+                assert row["text"] == run.rows[0].meta["generated_text"]
+                continue
+            uri = row["media_uri"]
+            pixels = media.decode_image(uri) if uri.endswith(".png") else media.decode_video(uri)
+            official_runs.assert_official_pixels(run.rows[0].compare(pixels), run.rows[0].pixels, identical=0.999)
 
 
 # ---------------------------------------------------------------------------------------------------------------
