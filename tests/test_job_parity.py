@@ -3,6 +3,8 @@
 1. Every number is reachable from a job file: float32 jobs on the tiny checkpoint (golden LLM/ViT weights, small
    VAE) with the golden settings give the official x2t answers, and t2i/t2v media equal to decoding the official
    final latents with the same small VAE (the job's output holds no latents; the VAE has its own goldens).
+   Under `seed_mode: official`, i2v / image_edit / video_edit (and t2i with seed 0, and captions) give the official
+   pixels (texts) of runs of the official code itself on the same checkpoint (tests/fixtures/golden/official_runs/).
 2. Real media files (EXIF-rotated JPEG, RGBA PNG, grayscale JPEG, odd-length 25 fps MP4, display-rotated MP4, a
    corrupt file) through image_edit / video_edit jobs, and a multi-turn edit chained into a caption step.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import official_runs
 import pytest
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
@@ -102,6 +105,40 @@ def test_job_reproduces_official_outputs(tmp_path: Path, tiny_ckpt: Path) -> Non
     (t2v,) = out["t2v"].values()
     assert t2v["error"] is None and t2v["media_uri"].endswith(".mkv")
     _assert_within_one_lsb(media.decode_video(t2v["media_uri"]), _decode_golden_latent(tiny_ckpt, "t2v"))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_official_mode_jobs_reproduce_official_runs(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """Each row of a `seed_mode: official` step is reproduced as the official script run on that row: the first
+    row of every official run in the fixtures (other seeds, non-square and non-bucket inputs, a drawn crop
+    offset, 5 and 9 frames, CFG 4 and 1, seed 0, captions), through a job file, compared pixel by pixel (and
+    the captions' text). The image steps hold that row twice in one batch: each copy is its own run, so both
+    are the official first row (one run over both would give the second one the run's second draws)."""
+    runs = [official_runs.load(name) for name in official_runs.NAMES]
+    steps = []
+    for run in runs:
+        first = run.rows[0]
+        row = {} if first.prompt is None else {"prompt": first.prompt}  # no prompt: a caption
+        if first.media is not None:
+            row["video" if first.media.endswith(".mp4") else "image"] = str(official_runs.input_path(first.media))
+        copies = 2 if run.settings["family"] == "image" else 1
+        steps.append({"name": run.name.replace("_", "-"), "task": run.settings["task"],
+                      "input": {"rows": [row] * copies}, "params": run.params, "resources": {"batch_size": 2},
+                      "output": {"video_codec": "ffv1"}})  # lossless: pixels compare
+    out = _run(tmp_path, tiny_ckpt, steps)
+    for run in runs:
+        rows = list(out[run.name.replace("_", "-")].values())
+        assert len(rows) == (2 if run.settings["family"] == "image" else 1)
+        for row in rows:
+            assert row["error"] is None and row["seed"] == run.settings["seed"]
+            assert json.loads(row["params"])["seed_mode"] == "official"
+            if run.rows[0].pixels is None:  # a caption: the instruction of the run's first pick, the official answer
+                assert row["text"] == run.rows[0].meta["generated_text"]
+                continue
+            uri = row["media_uri"]
+            pixels = media.decode_image(uri) if uri.endswith(".png") else media.decode_video(uri)
+            official_runs.assert_official_pixels(run.rows[0].compare(pixels), run.rows[0].pixels, identical=0.999)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import official_runs
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -292,3 +293,35 @@ def test_pipeline_i2v_keeps_the_image_latent(pipes, monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(seen[0][0].cond_latent, expected)
     torch.testing.assert_close(latent[:1], expected)
     assert not torch.allclose(latent[1:], expected.expand(1, -1, -1, -1), atol=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed_mode: official -- whole runs of the official script (tests/fixtures/golden/official_runs/)
+
+@pytest.mark.parametrize("run_name", official_runs.GENERATION)
+def test_python_api_reproduces_an_official_run(run_name: str, pipes) -> None:
+    """One call with `seed_mode="official"` is one official run over its rows, in order: every row's pixels are
+    the official ones, the later rows' too (their ε comes after the earlier rows' draws), whatever the batching.
+    Float32 on the CPU, the tiny checkpoint."""
+    run = official_runs.load(run_name)
+    task = run.settings["task"]
+    pipe = pipes[run.settings["family"]]
+    prompts = [row.prompt for row in run.rows]
+    inputs = [] if task in ("t2i", "t2v") else [[official_runs.load_input(row.media) for row in run.rows]]
+    outputs = getattr(pipe, task)(*inputs, prompts, max_batch_size=2, **run.params)
+    for row, output in zip(run.rows, outputs, strict=True):
+        official_runs.assert_official_pixels(row.compare(output), row.pixels, identical=0.999)
+
+
+def test_per_row_mode_draws_the_posterior_from_the_row_seed(pipes) -> None:
+    """The default: ε from the row's own seed, so a row does not depend on the rows before it (unlike the official
+    script), and its pixels differ from the official run's."""
+    run = official_runs.load("image_edit_seed11_cfg1")
+    images = [official_runs.load_input(row.media) for row in run.rows]
+    prompts = [row.prompt for row in run.rows]
+    per_row = {**run.params, "seed_mode": "per_row"}
+    alone = pipes["image"].image_edit(images[1:2], prompts[1:2], **per_row)[0]
+    together = pipes["image"].image_edit(images, prompts, **per_row)[1]
+    assert np.array_equal(alone, together)
+    with pytest.raises(AssertionError, match="identical"):
+        official_runs.assert_official_pixels(alone, run.rows[1].pixels, identical=0.999)

@@ -16,15 +16,16 @@ from lance_ray.cli.exit_codes import EXIT_CODES_HELP, EXIT_OK, EXIT_ROWS_FAILED
 from lance_ray.errors import JobFileError
 
 if TYPE_CHECKING:
-    from lance_ray.spec import Job
+    from lance_ray.spec import Job, SpecProblem
 
 
-def load_job_file(path: str) -> Job:
-    """The job file, validated, with local input paths checked; raises JobFileError (spec.JobSpecError)."""
+def load_job_file(path: str, notes: list[SpecProblem] | None = None) -> Job:
+    """The job file, validated, with local input paths checked; raises JobFileError (spec.JobSpecError).
+    `notes` receives the notes of a valid file (spec.load_job)."""
     from lance_ray.spec import load_job
 
     try:
-        return load_job(path, check_paths=True)
+        return load_job(path, check_paths=True, notes=notes)
     except FileNotFoundError:
         raise JobFileError(f"{path}: no such job file") from None
     except OSError as exc:  # a directory, no permission …
@@ -39,7 +40,10 @@ def warn_debug_backends(job: Job) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    job = load_job_file(args.job)
+    notes: list[SpecProblem] = []
+    job = load_job_file(args.job, notes)
+    for note in notes:  # file:line:col: note: ... / warning: ...; not errors
+        print(note, file=sys.stderr)
     print(f"{args.job}: ok ({len(job.steps)} step(s): {', '.join(s.name + '/' + s.task for s in job.steps)})")
     return EXIT_OK
 

@@ -81,12 +81,17 @@ class LanceBackend:
         self.load_info = dataclasses.asdict(self.pipeline.load_stats)
 
     def run(self, task: TaskSpec, inputs: list[TaskInput], settings: Settings) -> list[TaskOutput]:
-        if isinstance(settings, DecodeSettings):
+        text = isinstance(settings, DecodeSettings)
+        if text and settings.seed_mode != "official":
             return self._understand(task, inputs, settings)
+        # Generation, and official-mode captions (one row a call, its full-size media: the official run's draws
+        # pick the ViT crop), run whole on the GPU thread.
+        if text and len(inputs) == 1 and inputs[0].max_new_tokens is not None:
+            settings = dataclasses.replace(settings, max_new_tokens=inputs[0].max_new_tokens)
         media = None if task.input_media is None else [row.media for row in inputs]
-        pixels = self.gpu.call(lambda: self.pipeline.run(task, media, [row.prompt or "" for row in inputs],
-                                                         seeds=[row.seed for row in inputs], settings=settings))
-        return [TaskOutput(pixels=p) for p in pixels]
+        results = self.gpu.call(lambda: self.pipeline.run(task, media, [row.prompt or "" for row in inputs],
+                                                          seeds=[row.seed for row in inputs], settings=settings))
+        return [TaskOutput(text=r) if text else TaskOutput(pixels=r) for r in results]
 
     def _warm_up(self, family: str) -> None:
         """Answer one tiny question before the first batch arrives: kernel compilation and the first CUDA

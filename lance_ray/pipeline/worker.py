@@ -65,7 +65,9 @@ def row_seed(params: Params, row_id: str, seed_override: int | None) -> int:
 
     The official script gives every prompt of a run the same noise; for a dataset that means identical
     noise for every row, so by default each row gets a seed derived from (step seed, row_id): stable
-    across runs and independent of batching.
+    across runs and independent of batching. In official mode the seed is the official run's
+    `VALIDATION_DATA_SEED`; the run's other draws (ε of the conditioning media, crop offsets, the noise
+    of seed 0) come from its fixed start-up seed, 2025 (`lance_ray.models.lance.official_random`).
     """
     if seed_override is not None:
         return int(seed_override)
@@ -95,9 +97,15 @@ def _decode_input(ctx: StepContext, row: Row) -> np.ndarray | None:
     else:
         info = media.probe_video(uri)
         pixels = media.decode_video(uri, sample_frame_indices(info.num_frames, info.fps))
-    if isinstance(ctx.settings, DecodeSettings):
+    if _resized_on_cpu(ctx):
         return resize_for_understanding(pixels, ctx.settings.preset)
     return pixels
+
+
+def _resized_on_cpu(ctx: StepContext) -> bool:
+    """Understanding media are resized to the ViT stream on the CPU, except in `seed_mode: official`, whose
+    crop offsets are the official run's draws, made on the model's side from the full-size media."""
+    return isinstance(ctx.settings, DecodeSettings) and ctx.settings.seed_mode != "official"
 
 
 def _within(seconds: float | None, fn, *args):
@@ -194,9 +202,13 @@ class LanceWorker:
             if not row.error:
                 by_step[row.step].append(row)
         for step_name, members in by_step.items():
+            settings = self.steps[step_name].settings
             # Understanding rows go to the decode engine all at once; generation rows in model batches.
-            text = isinstance(self.steps[step_name].settings, DecodeSettings)
-            size = len(members) if text else self.batch_sizes.get(step_name, 1)
+            size = len(members) if isinstance(settings, DecodeSettings) else self.batch_sizes.get(step_name, 1)
+            if settings.seed_mode == "official":
+                # A model call is one official run; a step's rows are spread over actors and batches and
+                # resumed in any order, so each row is its own run, as one official invocation per row.
+                size = 1
             for start in range(0, len(members), size):
                 self._run_chunk(self.steps[step_name], members[start : start + size])
         for row in rows:
@@ -232,7 +244,7 @@ class LanceWorker:
                 row.set_turn_arrays([turn[index].pixels for turn in turn_outputs[:-1]])
 
     def _run_task(self, ctx: StepContext, chunk: list[Row]) -> tuple[list[TaskOutput], list[list[TaskOutput]]]:
-        resized = isinstance(ctx.settings, DecodeSettings)  # prepare_rows resized understanding media
+        resized = _resized_on_cpu(ctx)  # prepare_rows resized understanding media
         inputs = [TaskInput(prompt=row.prompt, seed=row.seed, media=row.input_array(), resized=resized,
                             max_new_tokens=row.max_new_tokens_override) for row in chunk]
         if not ctx.turns:

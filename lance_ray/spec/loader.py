@@ -9,6 +9,10 @@ One pass, three sources of problems, all reported together in file order:
 Nothing a job file holds makes loading raise anything else: see yaml_positions.py for the limits on
 nesting and aliases, templates.py for those on prompt templates; the file itself must be a regular
 file of at most MAX_JOB_FILE_BYTES, in UTF-8.
+
+With `check_paths`, local inputs must exist and a local model directory that exists must be a checkpoint
+root. A valid file may still get notes (`notes=`): what the run will do differently from what was written
+(a t2i/t2v size floored to a multiple of 16) and a hub id that is also a local folder's name.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from lance_ray.errors import JobFileError
 from lance_ray.io.tables import TABLE_FORMATS, SourceError, expand_paths, read_records
+from lance_ray.models.lance import resolve_checkpoint
 from lance_ray.spec.checks import job_problems, output_path_problems
 from lance_ray.spec.inputs import RowMapping, sample_problems
 from lance_ray.spec.models import Job, Step, is_uri
@@ -72,16 +77,19 @@ class JobSpecError(JobFileError):
         return (JobSpecError, (self.problems,))
 
 
-def load_job(path: str | Path, env: Mapping[str, str] | None = None, *, check_paths: bool = False) -> Job:
+def load_job(path: str | Path, env: Mapping[str, str] | None = None, *, check_paths: bool = False,
+             notes: list[SpecProblem] | None = None) -> Job:
     """Load and validate a job file; relative paths in it are resolved against its directory.
 
-    `check_paths` also reports local input paths that do not exist on this machine, and mistakes seen in
-    a sample of each local input table (an unmapped prompt column, media paths that do not exist ...);
-    the CLI's validate/plan/run turn it on (a file can be valid where its inputs are not yet present).
+    `check_paths` also reports local input paths that do not exist on this machine, mistakes seen in a
+    sample of each local input table (an unmapped prompt column, media paths that do not exist ...) and
+    local model directories that are not checkpoint roots; the CLI's validate/plan/run turn it on (a file
+    can be valid where its inputs are not yet present). `notes`, when given, receives the notes of a
+    valid file.
     """
     file = Path(path)
     text = _read_job_file(file, str(path))
-    job = load_job_text(text, str(path), file.resolve().parent, env, check_paths=check_paths)
+    job = load_job_text(text, str(path), file.resolve().parent, env, check_paths=check_paths, notes=notes)
     job._source_path = str(file.resolve())
     return job
 
@@ -127,6 +135,7 @@ def load_job_text(
     env: Mapping[str, str] | None = None,
     *,
     check_paths: bool = False,
+    notes: list[SpecProblem] | None = None,
 ) -> Job:
     """Like `load_job` for text; `filename` is used in messages, `base_dir` for relative paths (default: cwd)."""
     if len(text) > MAX_JOB_FILE_BYTES:  # characters: at least as many bytes
@@ -162,12 +171,77 @@ def load_job_text(
     if job is not None and check_paths:
         problems += [problem(loc, f"{_dotted(positions.resolve(loc)) or _dotted(loc)}: {message}")
                      for loc, message in _missing_inputs(job, loaded.data)]
+        problems += [problem(loc, message) for loc, message in _local_model_problems(job, loaded.data)]
     # A value the loader already flagged (an unset ${VAR}) is garbage: say nothing more about it.
     flagged = {(p.line, p.col) for p in yaml_problems}
     problems = yaml_problems + [p for p in problems if (p.line, p.col) not in flagged]
     if problems or job is None:
         raise JobSpecError(dict.fromkeys(problems))
+    if notes is not None:
+        found = _floored_sizes(job, loaded.data)
+        if check_paths:
+            found += _hub_ids_named_like_folders(job, loaded.data, context["base_dir"])
+        notes.extend(sorted(dict.fromkeys(problem(loc, message) for loc, message in found),
+                            key=lambda n: (n.line, n.col)))
     return job
+
+
+def _model_loc(data: Any, family: str) -> tuple[Any, ...]:
+    """Where a family's model source is written (`models: {image: <source>}` is the short form)."""
+    return ("models", family) if isinstance(data["models"][family], str) else ("models", family, "source")
+
+
+def _written_models(job: Job, data: Any) -> list[tuple[str, tuple[Any, ...]]]:
+    """(family, location of its source) of every model the file names and a step uses."""
+    written = data.get("models") or {}
+    return [(f, _model_loc(data, f)) for f in sorted({step.family for step in job.steps}) if f in written
+            and (isinstance(written[f], str) or "source" in written[f])]
+
+
+def _local_model_problems(job: Job, data: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """A local model directory that exists here must be a checkpoint root (`Lance_3B/...` or
+    `downloads/Lance_3B/...`). One that does not exist here is left to the run: a job submitted to a cluster
+    may name a directory that exists only there."""
+    found = []
+    for family, loc in _written_models(job, data):
+        model = job.model_for(family)
+        if model.kind != "local" or model.backend != "lance" or not os.path.isdir(model.source):
+            continue
+        try:
+            resolve_checkpoint(model.source, family)
+        except FileNotFoundError as err:
+            found.append((loc, f"{_dotted(loc)}: not a Lance checkpoint directory: {err}"))
+    return found
+
+
+def _hub_ids_named_like_folders(job: Job, data: Any, base_dir: str) -> list[tuple[tuple[Any, ...], str]]:
+    found = []
+    for family, loc in _written_models(job, data):
+        source = job.model_for(family).source
+        here = os.path.isdir(os.path.join(base_dir, source)) or os.path.isdir(source)  # beside the file, or the cwd
+        if job.model_for(family).kind == "hub" and here:
+            found.append((loc, f"warning: {source} is read as a Hugging Face repo id, but there is a folder of that "
+                               f"name here; write ./{source} for the folder"))
+    return found
+
+
+def _floored_sizes(job: Job, data: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """t2i/t2v sizes that the run floors to a multiple of 16 (`TaskSpec.resolve`), where they are written."""
+    found = []
+    for i, step in enumerate(job.steps):
+        resolved = step.params_for(job)
+        for name in ("height", "width"):
+            if name not in step.spec.params:
+                continue
+            written = getattr(step.params, name)
+            loc = ("steps", i, "params", name)
+            if written is None:
+                written, loc = getattr(job.defaults, name), ("defaults", name)
+            used = getattr(resolved, name)
+            if written is not None and written != used:
+                found.append((loc, f"note: {name} {written} is floored to {used} (multiple of 16), as the official "
+                                   "script does"))
+    return found
 
 
 def _missing_inputs(job: Job, data: Any) -> list[tuple[tuple[Any, ...], str]]:

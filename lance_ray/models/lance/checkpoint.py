@@ -79,7 +79,24 @@ def _locate(root: Path, family: str, with_vae: bool) -> CheckpointFiles:
             if with_vae and not vae.exists():
                 raise FileNotFoundError(f"{vae} not found (needed for generation/editing)")
             return CheckpointFiles(family, model_dir, base / VIT_DIR, vae if with_vae else None)
-    raise FileNotFoundError(f"no {FAMILY_DIRS[family]}/llm_config.json under {root} or {root / 'downloads'}")
+    hint = _where_instead(root, family)
+    raise FileNotFoundError(f"no {FAMILY_DIRS[family]}/llm_config.json under {root} or {root / 'downloads'}"
+                            + (f"; {hint}" if hint else ""))
+
+
+def _where_instead(root: Path, family: str) -> str | None:
+    """A hint when `root` is one level off a checkpoint root: a folder inside the checkpoint (`Lance_3B/`,
+    `Qwen2.5-VL-ViT/`, ...), or a folder holding the checkpoint one level down."""
+    family_dir = FAMILY_DIRS[family]
+    if (root.parent / family_dir / "llm_config.json").exists():
+        where = f"{family_dir}/ itself" if root.name == family_dir else f"{root.name}/, beside {family_dir}/"
+        return f"this is {where}, inside the checkpoint: use {root.parent}"
+    children = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for child in children:
+        for base in (child, child / "downloads"):
+            if (base / family_dir / "llm_config.json").exists():
+                return f"it holds the checkpoint one level down ({base.relative_to(root)}/{family_dir}/): use {child}"
+    return None
 
 
 def _wanted(family: str, with_vae: bool) -> list[str]:

@@ -23,8 +23,10 @@ unconditional branch on its own lane on a second GPU).
 
 Conditions are given already encoded (`GenerationInput`): edits bring the source's ViT tokens and its
 (sampled) VAE latent, which enter the prefix with σ = 0; i2v brings the first frame's latent.  Each sample's
-initial noise comes from its own seed (sampler.initial_noise: all latent rows drawn, the denoised rows take
-the tail), so a sample's result does not depend on its batch neighbours.
+initial noise comes from its own seed (sampler.initial_noise: all latent rows drawn on the CPU, the denoised
+rows take the tail) -- or is given, drawn as the official run draws it (`seed_mode: official`: on the
+model's device, so a CUDA draw on a GPU; the global generator for seed 0) -- so a sample's result does not
+depend on its batch neighbours.
 
 From media to media (what `LancePipeline`'s generation methods call): `MediaRow` per input row, then
 `generate_media` groups rows by target shape, and per batch of at most `max_batch_size` rows (and on a GPU
@@ -35,11 +37,16 @@ CUDA stream, beside the next batch's denoising.  Conditions:
 * i2v: the image through the VAE stream, sampled likewise; it becomes latent frame 0 of the target (the
   VAE is causal, so encoding the image alone gives exactly the latent frame 0 the official code keeps
   from its padded clip).
-ε comes from a CPU generator seeded with the row's seed -- the same seed as the initial noise, whose draw
-covers every latent row with the conditioning rows first: ε takes the head of that stream, exactly the
-values the initial-noise draw puts in the conditioning rows (which the official code overwrites), so ε and
-the target's noise never share a value.  (The official ε comes from the global CUDA RNG and cannot be
-reproduced; the parity tests inject the recorded latent.)
+Where ε comes from depends on the seed mode:
+* `per_row` (the default): from a CPU generator seeded with the row's seed -- the same seed as the initial
+  noise, whose draw covers every latent row with the conditioning rows first: ε takes the head of that
+  stream, exactly the values the initial-noise draw puts in the conditioning rows (which the official code
+  overwrites), so ε and the target's noise never share a value, and a row's result depends on nothing but
+  the row.
+* `official`: from the official script's global generators as its run over these rows draws it
+  (`official_random.OfficialRun`: the CPU generator after its start-up draws on a CPU, the CUDA generator on
+  a GPU), rows in their given order; the crop offsets of the official resize come from the same run.  All
+  of a call's draws are made up front in row order, so batching and shape grouping change nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from .fp8 import fp8_available
 from .latent import LatentAdapter, latent_position_index
 from .memory import GenerationFootprint, GenerationShape, free_gpu_bytes, largest_batch
 from .model import LanceModel
+from .official_random import OfficialRun, RowDraws
 from .sampler import Schedule, apply_cfg, cfg_steps, euler_step, initial_noise
 from .sequence import GenerationLayout, Grid, build_generation
 from .settings import SamplerSettings, SpeedSettings
@@ -84,6 +92,15 @@ class GenerationInput:
     vit_tokens: torch.Tensor | None = None  # edits: [K, H] ViT outputs of the source
     vit_grid: Grid | None = None  # edits: their LLM-level grid (frames/2, H/28, W/28), K = t*h*w
     cond_latent: torch.Tensor | None = None  # edits: source latent [t, h, w, 48]; i2v: frame 0 [1, h, w, 48]
+    noise: torch.Tensor | None = None  # initial noise of every latent row [n_rows, 48] (None: drawn from `seed`)
+
+    def initial_noise(self, n_rows: int, n_denoised: int) -> torch.Tensor:
+        """The denoised rows' initial noise [n_denoised, 48]: the tail of the sample's draw over all its rows."""
+        if self.noise is None:
+            return initial_noise(self.seed, n_rows, keep_last=n_denoised)
+        if self.noise.shape[0] != n_rows:
+            raise ValueError(f"noise has {self.noise.shape[0]} rows, the sample {n_rows}")
+        return self.noise[n_rows - n_denoised :]
 
 
 @dataclass
@@ -192,7 +209,7 @@ def denoise(
     n_clean = layouts[0].clean_target_rows  # i2v: latent frame 0 rides along in the query, never updated
     n_denoised = n_target - n_clean
     n_source = n_target if edit else 0  # the noise draw covers every latent row of a sample
-    x = torch.stack([initial_noise(inp.seed, n_source + n_target, keep_last=n_denoised) for inp in inputs])
+    x = torch.stack([inp.initial_noise(n_source + n_target, n_denoised) for inp in inputs])
     x = x.to(device=device, dtype=dtype)  # [B, N_denoised, 48]
     clean = None
     if n_clean:
@@ -303,6 +320,7 @@ class MediaRow:
     seed: int
     target: Grid  # latent grid of the output
     media: np.ndarray | None = None  # uint8 [T, H, W, 3]: edit source, or the i2v image (T = 1)
+    frames: int | None = None  # t2v / i2v: the frames asked for (the official NUM_FRAMES); target[0] follows
 
 
 def _check_seeds(seeds: list[int], n: int) -> list[int]:
@@ -322,7 +340,8 @@ def text_rows(prompts: list[str], height: int, width: int, frames: int, seeds: l
     """t2i (frames = 1) / t2v rows: output size = the request floored to multiples of 16."""
     h, w = preprocess.output_size(height, width)
     target = (preprocess.latent_frames(frames), h // 16, w // 16)
-    return [MediaRow(p, s, target) for p, s in zip(prompts, _check_seeds(seeds, len(prompts)), strict=True)]
+    return [MediaRow(p, s, target, frames=frames)
+            for p, s in zip(prompts, _check_seeds(seeds, len(prompts)), strict=True)]
 
 
 def media_rows(media: list[np.ndarray], prompts: list[str], preset: str, seeds: list[int],
@@ -336,24 +355,48 @@ def media_rows(media: list[np.ndarray], prompts: list[str], preset: str, seeds: 
         m = _as_frames(m)
         h, w = preprocess.stream_size(m.shape[1], m.shape[2], preset, "vae")
         t = preprocess.latent_frames(frames if frames is not None else m.shape[0])
-        rows.append(MediaRow(p, s, (t, h // 16, w // 16), m))
+        rows.append(MediaRow(p, s, (t, h // 16, w // 16), m, frames=frames))
     return rows
 
 
-def _sampled_latents(vae: WanVAE, frames: list[np.ndarray], preset: str, seeds: list[int]) -> list[torch.Tensor]:
-    """VAE-stream frames of one size -> sampled posterior latents [t, h, w, 48] (one encode call)."""
-    pixels = torch.stack([preprocess.vae_pixels(preprocess.resize_to_bucket(f, preset, "vae")) for f in frames])
-    mu, log_var = vae.encode(pixels)  # [B, 48, t, h, w] each
-    return [
-        vae.sample(mu[b : b + 1], log_var[b : b + 1], torch.Generator().manual_seed(seed))[0].permute(1, 2, 3, 0)
-        for b, seed in enumerate(seeds)
-    ]
+def _official_draws(official: OfficialRun, task: TaskSpec, rows: list[MediaRow], preset: str,
+                    dtype: torch.dtype) -> list[RowDraws]:
+    """The official run's draws for `rows`, made in row order."""
+    draws = []
+    for row in rows:
+        t, h, w = row.target
+        noise_rows = t * h * w * (2 if task.conditioning == "source" else 1)  # edits: source + target rows
+        shape = None if row.media is None else row.media.shape[:3]
+        draws.append(official.generation_row(task, shape, preset, row.frames, row.seed, noise_rows, dtype))
+    return draws
 
 
-def _vit_conditions(model: LanceModel, frames: list[np.ndarray], preset: str) -> list[tuple[torch.Tensor, Grid]]:
+def _sampled_latents(vae: WanVAE, frames: list[np.ndarray], preset: str, seeds: list[int],
+                     draws: list[RowDraws | None]) -> list[torch.Tensor]:
+    """VAE-stream frames of one size -> sampled posterior latents [t, h, w, 48] (one encode call); ε and the
+    crop offsets from the official run's draws where given, else ε from the row's seed."""
+    pixels = []
+    for f, d in zip(frames, draws, strict=True):
+        offsets = None if d is None or d.vae_offsets is None else d.vae_offsets[: len(f)]
+        pixels.append(preprocess.vae_pixels(preprocess.resize_to_bucket(f, preset, "vae", offsets)))
+    mu, log_var = vae.encode(torch.stack(pixels))  # [B, 48, t, h, w] each
+    latents = []
+    for b, (seed, d) in enumerate(zip(seeds, draws, strict=True)):
+        if d is None:
+            z = vae.sample(mu[b : b + 1], log_var[b : b + 1], torch.Generator().manual_seed(seed))
+        else:
+            z = vae.sample(mu[b : b + 1], log_var[b : b + 1], eps=d.eps[None])
+        latents.append(z[0].permute(1, 2, 3, 0))
+    return latents
+
+
+def _vit_conditions(model: LanceModel, frames: list[np.ndarray], preset: str,
+                    draws: list[RowDraws | None]) -> list[tuple[torch.Tensor, Grid]]:
     """ViT tokens [K, H] and their LLM-level grid per source (one ViT call for the batch)."""
-    patches, grids = zip(*(preprocess.vit_patches(preprocess.resize_to_bucket(f, preset, "vit")) for f in frames),
-                         strict=True)
+    patches, grids = zip(*(
+        preprocess.vit_patches(preprocess.resize_to_bucket(f, preset, "vit", None if d is None else d.vit_offsets))
+        for f, d in zip(frames, draws, strict=True)
+    ), strict=True)
     device = model.llm.embed.weight.device
     tokens = model.vit(torch.cat(patches).to(device), list(grids))
     m = model.vit_cfg.spatial_merge_size
@@ -362,21 +405,23 @@ def _vit_conditions(model: LanceModel, frames: list[np.ndarray], preset: str) ->
 
 
 @torch.inference_mode()
-def _batch_inputs(model: LanceModel, vae: WanVAE | None, task: TaskSpec, rows: list[MediaRow], preset: str
-                  ) -> list[GenerationInput]:
+def _batch_inputs(model: LanceModel, vae: WanVAE | None, task: TaskSpec, rows: list[MediaRow], preset: str,
+                  draws: list[RowDraws | None]) -> list[GenerationInput]:
+    noise = [None if d is None else d.noise for d in draws]
     if task.conditioning == "none":
-        return [GenerationInput(r.prompt, r.target, r.seed) for r in rows]
+        return [GenerationInput(r.prompt, r.target, r.seed, noise=n) for r, n in zip(rows, noise, strict=True)]
     frames = [r.media for r in rows]
     # The VAE stream sees frames 0..4(t-1) (the encoder ignores the rest) -- i2v: the image alone.
     vae_frames = [f[: 4 * (r.target[0] - 1) + 1] if task.conditioning == "source" else f[:1]
                   for f, r in zip(frames, rows, strict=True)]
-    latents = _sampled_latents(vae, vae_frames, preset, [r.seed for r in rows])
+    latents = _sampled_latents(vae, vae_frames, preset, [r.seed for r in rows], draws)
     if task.conditioning == "first_frame":
-        return [GenerationInput(r.prompt, r.target, r.seed, cond_latent=z) for r, z in zip(rows, latents, strict=True)]
-    vit = _vit_conditions(model, frames, preset)
+        return [GenerationInput(r.prompt, r.target, r.seed, cond_latent=z, noise=n)
+                for r, z, n in zip(rows, latents, noise, strict=True)]
+    vit = _vit_conditions(model, frames, preset, draws)
     return [
-        GenerationInput(r.prompt, r.target, r.seed, vit_tokens=tokens, vit_grid=grid, cond_latent=z)
-        for r, (tokens, grid), z in zip(rows, vit, latents, strict=True)
+        GenerationInput(r.prompt, r.target, r.seed, vit_tokens=tokens, vit_grid=grid, cond_latent=z, noise=n)
+        for r, (tokens, grid), z, n in zip(rows, vit, latents, noise, strict=True)
     ]
 
 
@@ -392,13 +437,15 @@ def generate_media(
     max_batch_size: int | None = None,
     return_latents: bool = False,
     speed: SpeedSettings | None = None,
+    official: OfficialRun | None = None,
 ) -> list[np.ndarray] | list[torch.Tensor]:
     """Run `task` for every row; rows of one target shape share batches.
 
     Returns, in row order, uint8 images (H, W, 3) for t2i/image_edit and videos (T, H, W, 3) otherwise,
     or with `return_latents` the float32 CPU target latents [t, h, w, 48].  `preset` sizes the conditioning
     media (edits, i2v).  `vae` may be None only for t2i/t2v with `return_latents`.  `speed`: opt-in speed
-    modes (None: the exact path).
+    modes (None: the exact path).  With `official`, the rows are the official run's rows, in order: its
+    draws replace the per-row ones (ε, crop offsets, the initial noise).
 
     A batch is at most `max_batch_size` rows (default: all rows of the shape) and, on a GPU, at most what
     fits its free memory (memory.py); a batch's VAE decode runs in chunks of images that fit beside the next
@@ -409,6 +456,8 @@ def generate_media(
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     device = model.llm.embed.weight.device
     uncond_device = _second_gpu(device) if speed is not None and speed.cfg_parallel else None
+    dtype = model.llm.embed.weight.dtype
+    draws = [None] * len(rows) if official is None else _official_draws(official, task, rows, preset, dtype)
     results: list = [None] * len(rows)
     decoding: _Decoding | None = None
     by_shape = sorted(range(len(rows)), key=lambda i: rows[i].target)
@@ -419,7 +468,7 @@ def generate_media(
         size = largest_batch(footprint, budget, max_batch_size or len(group))
         for start in range(0, len(group), size):
             batch = group[start : start + size]
-            inputs = _batch_inputs(model, vae, task, [rows[i] for i in batch], preset)
+            inputs = _batch_inputs(model, vae, task, [rows[i] for i in batch], preset, [draws[i] for i in batch])
             latents = denoise(model, tokenizer, task, inputs, settings, speed=speed, uncond_device=uncond_device)
             del inputs
             if decoding is not None:  # the previous batch's decode ran beside this batch's denoising

@@ -69,8 +69,10 @@ class Params(StrictModel):
     seed: int | None = Field(default=None, ge=0, lt=MAX_SEED, description="Base seed.")
     seed_mode: SeedMode | None = Field(
         default=None,
-        description="`per_row`: each row's seed is derived from `seed` and its row_id, so results do not "
-        "depend on batching or order. `official`: every row uses `seed`, as the reference script does.",
+        description="`per_row`: each row's seed is derived from `seed` and its row_id, and every random draw of "
+        "the row comes from it, so results do not depend on batching or order. `official`: every row uses "
+        "`seed`, and every other draw (the VAE posterior sample of i2v/edit inputs, crop offsets, caption "
+        "instructions, the noise of seed 0) is the official script's: each row is one official run.",
     )
     preset: Preset | None = Field(
         default=None,

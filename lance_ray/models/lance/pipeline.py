@@ -17,6 +17,7 @@ generation or editing task.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,8 @@ from . import preprocess
 from .checkpoint import CheckpointFiles, resolve_checkpoint
 from .generate import generate_media, media_rows, text_rows
 from .loader import LoadStats, load_lance_model
-from .sequence import build_understanding
+from .official_random import OfficialRun
+from .sequence import build_understanding, caption_instructions
 from .settings import DecodeSettings, GenerationSettings
 from .tasks import TaskSpec, get_task
 from .tokenizer import LanceTokenizer
@@ -148,14 +150,19 @@ class LancePipeline:
     def run(self, task: TaskSpec, media: list[np.ndarray] | None, prompts: list, *, seeds: list[int],
             settings: DecodeSettings | GenerationSettings, max_batch_size: int | None = None) -> list:
         """Run `task` over rows given as parallel lists: input media (None for prompt-only tasks), prompts and
-        seeds. Returns answers (str) for understanding tasks, uint8 pixels otherwise."""
+        seeds. Returns answers (str) for understanding tasks, uint8 pixels otherwise.
+
+        With `settings.seed_mode == "official"` the rows are one run of the official script, in the order
+        given: every random draw of that run is reproduced (official_random.py)."""
         if len(seeds) != len(prompts) or (media is not None and len(media) != len(prompts)):
             raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds and "
                              f"{'no' if media is None else len(media)} inputs do not line up")
         if not prompts:
             return []
+        official = (OfficialRun(self.model.llm_cfg, self.model.vit_cfg, self.device)
+                    if settings.seed_mode == "official" else None)
         if isinstance(settings, DecodeSettings):
-            return self._understand(media, prompts, task.input_media, seeds, settings)
+            return self._understand(media, prompts, task.input_media, seeds, settings, official)
         if self.understanding_only:
             raise ValueError(f"{task.name}: this LancePipeline was loaded with understanding_only=True")
         if task.input_media is None:
@@ -163,12 +170,25 @@ class LancePipeline:
         else:
             rows = media_rows(media, prompts, settings.preset, seeds, frames=settings.frames)
         return generate_media(self.model, self.tokenizer, self.vae, task, rows, settings.sampler,
-                              preset=settings.preset, max_batch_size=max_batch_size, speed=settings.speed)
+                              preset=settings.preset, max_batch_size=max_batch_size, speed=settings.speed,
+                              official=official)
 
     def _understand(self, media: list[np.ndarray], questions: list[str | None], kind: str, seeds: list[int],
-                    settings: DecodeSettings) -> list[str]:
-        requests = [self.understanding_request(m, q, kind=kind, settings=settings, seed=s)
-                    for m, q, s in zip(media, questions, seeds, strict=True)]
+                    settings: DecodeSettings, official: OfficialRun | None) -> list[str]:
+        requests = []
+        for frames, question, seed in zip(media, questions, seeds, strict=True):
+            row_settings, offsets = settings, None
+            if official is not None:  # the official run's draws, row by row, in order
+                frames = frames[None] if frames.ndim == 3 else frames
+                draws = official.understanding_row(
+                    frames.shape[:3], settings.preset,
+                    caption_instructions(kind) if settings.system_prompt is None else None)
+                if draws.instruction is not None:
+                    row_settings = replace(settings, system_prompt=draws.instruction)
+                offsets = draws.vit_offsets
+            resized = preprocess.resize_to_bucket(frames, settings.preset, "vit", offsets)
+            requests.append(self.understanding_request(resized, question, kind=kind, settings=row_settings,
+                                                       seed=seed, resized=True))
         engine = self.new_engine(requests, max_slots=len(requests))
         return [self.decode_answer(a.ids) for a in answer_all(engine, requests)]
 

@@ -18,17 +18,19 @@ Images are decoded with `media_rules.image_to_rgb`; videos are first frame-sampl
 the whole clip).  The ViT stream needs an even frame count (temporal patch 2): images are shown as 2
 identical frames, odd clips repeat their last frame.
 
-Deliberate deviation: where the official ``RandomResizedCrop`` draws a random 0/1-pixel offset (input
-ratio equal to the bucket's up to rounding, crop one pixel smaller than the input), we take the
-deterministic offset ``(size - crop) // 2`` (= 0), one of the official outcomes.  All other cases have no
-randomness in the official code either.
+The official ``RandomResizedCrop`` draws a random 0/1-pixel offset per frame where the input's ratio equals
+the bucket's up to rounding and the crop is one pixel smaller than the input (`crop_slack` says where).
+By default we take the deterministic offset ``(size - crop) // 2`` (= 0), one of the official outcomes;
+``seed_mode: official`` passes the offsets the official run draws (`official_random.py`).  All other
+cases have no randomness in the official code either.
 
 API (uint8 arrays are ``[T, H, W, 3]`` RGB; an ``[H, W, 3]`` image is accepted as one frame)::
 
     (presets and buckets: presets.py)
     bucket_size(height, width, preset, stream) -> (h, w)       # bucket chosen for an input size
     stream_size(height, width, preset, stream) -> (h, w)       # final size (after the divisible crop)
-    resize_to_bucket(frames, preset, stream) -> uint8 [T, h, w, 3]   # steps 1-3
+    resize_to_bucket(frames, preset, stream, offsets=None) -> uint8 [T, h, w, 3]   # steps 1-3
+    crop_slack(height, width, preset, stream) -> (rows, cols) | None   # where the official crop offset is drawn
     vae_pixels(frames) -> float32 [3, T, H, W] in [-1, 1]      # step 4, VAE
     vit_frames(frames) -> uint8 [T', H, W, 3]                  # even frame count for the ViT
     vit_patches(frames) -> (float32 [N, 1176], (t, h, w))      # ViT input rows + grid_thw
@@ -80,18 +82,34 @@ def stream_size(height: int, width: int, preset: str | Preset, stream: Stream) -
 # --------------------------------------------------------------------------------------------------
 # Resize
 # --------------------------------------------------------------------------------------------------
-def _ratio_crop(height: int, width: int, ratio: float) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the crop of aspect ratio `ratio` (w/h) taken before resizing.
-
-    Mirrors torchvision RandomResizedCrop.get_params with scale (1, 1) and ratio (r, r): the full-area
-    crop of ratio r — r passed through float32 log/exp as torchvision does — when it fits inside the
-    input, else the fallback crop spanning the full width or height."""
+def _full_area_crop(height: int, width: int, ratio: float) -> tuple[int, int] | None:
+    """(h, w) of torchvision RandomResizedCrop.get_params' crop with scale (1, 1) and ratio (r, r) -- the
+    full-area crop of ratio r, r passed through float32 log/exp as torchvision does -- or None when it does
+    not fit inside the input (then torchvision falls back to a centred crop)."""
     r32 = torch.exp(torch.log(torch.tensor(ratio, dtype=torch.float32))).item()
     area = height * width
     w = int(round(math.sqrt(area * r32)))
     h = int(round(math.sqrt(area / r32)))
-    if 0 < w <= width and 0 < h <= height:
-        # official: random offset in [0, size - crop] (at most 1 px here); we take the centred one
+    return (h, w) if 0 < w <= width and 0 < h <= height else None
+
+
+def crop_slack(height: int, width: int, preset: str | Preset, stream: Stream) -> tuple[int, int] | None:
+    """Where the official crop draws an offset: (rows, cols) = how many top and left offsets the full-area crop
+    can take inside an input of this size (torchvision draws one of each per frame, uniformly; at most 2 here),
+    or None when the crop is the centred fallback (no offset drawn; the draws still happen, see
+    official_random.py)."""
+    bh, bw = bucket_size(height, width, preset, stream)
+    crop = _full_area_crop(height, width, bw / bh)
+    return None if crop is None else (height - crop[0] + 1, width - crop[1] + 1)
+
+
+def _ratio_crop(height: int, width: int, ratio: float) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the crop of aspect ratio `ratio` (w/h) taken before resizing: the full-area crop
+    when it fits (centred; the official offset is random, see `crop_slack`), else the fallback crop spanning
+    the full width or height."""
+    crop = _full_area_crop(height, width, ratio)
+    if crop is not None:
+        h, w = crop
         return (height - h) // 2, (width - w) // 2, h, w
     if width / height < ratio:
         w, h = width, int(round(width / ratio))
@@ -119,17 +137,27 @@ def _centre_crop(frames: np.ndarray, h: int, w: int) -> np.ndarray:
     return frames[:, top : top + h, left : left + w]
 
 
-def resize_to_bucket(frames: np.ndarray, preset: str | Preset, stream: Stream) -> np.ndarray:
+def resize_to_bucket(frames: np.ndarray, preset: str | Preset, stream: Stream,
+                     offsets: list[tuple[int, int]] | None = None) -> np.ndarray:
     """uint8 [T, H, W, 3] -> uint8 [T, h, w, 3]: bucket crop + bicubic resize + divisible crop.
 
     The result is exactly what the official stream sees before normalisation (and, for the ViT,
-    before frame duplication: see vit_frames)."""
+    before frame duplication: see vit_frames).  `offsets`: per frame, the (top, left) of the full-area crop
+    where `crop_slack` is not None (the official run's draws); default: the centred crop."""
     frames = _as_frames(frames)
     height, width = frames.shape[1:3]
     bh, bw = bucket_size(height, width, preset, stream)
     top, left, ch, cw = _ratio_crop(height, width, bw / bh)
+    if offsets is not None:
+        slack = crop_slack(height, width, preset, stream)
+        if slack is None or len(offsets) != len(frames) or any(
+                not (0 <= t < slack[0] and 0 <= x < slack[1]) for t, x in offsets):
+            raise ValueError(f"crop offsets {offsets} do not fit {len(frames)} frames of {height}x{width} "
+                             f"(possible offsets: {slack})")
     out = np.empty((frames.shape[0], bh, bw, 3), dtype=np.uint8)
     for i, frame in enumerate(frames):
+        if offsets is not None:
+            top, left = offsets[i]
         img = Image.fromarray(frame).crop((left, top, left + cw, top + ch))
         if img.size != (bw, bh):
             img = img.resize((bw, bh), Image.Resampling.BICUBIC)

@@ -12,8 +12,10 @@ Facts reproduced (official `modeling/lance/lance.py`, `Lance.validation_gen_KVca
   where n_rows counts *all* latent rows of the sample (conditioning rows included); the denoised target
   takes the tail of the draw.  On CPU this is exactly the reference's draw for the same seed (the reference
   run with one sample per batch on rank 0 seeds its generator with the seed itself).  Drawing on the CPU
-  makes a seed mean the same noise on every device (the reference's CUDA draw is not reproducible).
-  The reference treats a seed ≤ 0 as "unseeded"; here every int is a seed.
+  makes a seed mean the same noise on every device (`seed_mode: per_row`).  The reference draws on its
+  device -- CUDA Philox on a GPU, other values -- and treats a seed ≤ 0 as "unseeded" (its global
+  generator); here every int is a seed.  `seed_mode: official` draws as the reference does instead
+  (official_random.py).
 
 Everything here is batched over B samples of the same shape; the per-step CFG decision is precomputed on
 the host so that the denoising loop never waits on the device.

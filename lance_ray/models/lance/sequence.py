@@ -72,11 +72,23 @@ def edit_system_prompt(kind: str) -> str:
             "where appropriate.")
 
 
+def caption_instructions(kind: str) -> tuple[str, ...]:
+    """The four caption instructions the official code draws from (python `random.choice`) for a sample
+    without one (data/common.py: generate_system_prompt, type "caption")."""
+    return (
+        f"Generate a detailed and accurate description of the {kind}, including all the key moments and visual "
+        "details.",
+        f"Write an in-depth depiction of the {kind}, covering all its aspects.",
+        f"Write an exhaustive depiction of the given {kind}, capturing its essence and key moments.",
+        f"Describe the key features of the input {kind}, including color, shape, size, texture, objects, "
+        "background.",
+    )
+
+
 def default_understanding_system_prompt(kind: str) -> str:
-    """The official code draws one of four caption instructions at random when a sample has none; we
-    always use the first, so outputs are reproducible."""
-    return (f"Generate a detailed and accurate description of the {kind}, including all the key moments and "
-            "visual details.")
+    """The official code draws one of the four caption instructions at random when a sample has none; we
+    use the first, so outputs are reproducible (`seed_mode: official` replays the official draw)."""
+    return caption_instructions(kind)[0]
 
 
 MODE_OF_KIND = {"vit": "full", "vae_cond": "full_noise", "vae_target": "noise"}

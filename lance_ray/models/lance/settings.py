@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .params import SeedMode
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -38,6 +40,9 @@ class GenerationSettings:
     sampler: SamplerSettings
     speed: SpeedSettings
     preset: str  # how conditioning media are resized (edits, i2v)
+    # per_row: every draw from the row's seed; official: a call's rows are one run of the official script,
+    # whose global generators give ε, the crop offsets and a seed-0 noise (official_random.py)
+    seed_mode: SeedMode
     height: int | None = None  # t2i / t2v output size; other tasks follow their input's bucket
     width: int | None = None
     frames: int | None = None  # t2v / i2v output frames; None for images and edits
@@ -48,6 +53,9 @@ class DecodeSettings:
     """x2t_image / x2t_video: greedy (temperature 0) or nucleus sampling."""
 
     preset: str  # how the input media are resized for the ViT
+    # official: a call's rows are one official run, whose draws give the caption instruction of a row without a
+    # system prompt and the ViT crop offsets (official_random.py)
+    seed_mode: SeedMode
     max_new_tokens: int
     temperature: float
     top_p: float

@@ -142,6 +142,7 @@ class TaskSpec:
         if self.output == "text":
             return DecodeSettings(
                 preset=params.preset,
+                seed_mode=params.seed_mode,
                 max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature,
                 top_p=params.top_p,
@@ -155,7 +156,8 @@ class TaskSpec:
             cfg_renorm_min=params.cfg_renorm_min,
         )
         speed = SpeedSettings(fp8=params.fp8, step_cache=params.step_cache, cfg_parallel=params.cfg_parallel)
-        return GenerationSettings(sampler, speed, params.preset, params.height, params.width, params.frames)
+        return GenerationSettings(sampler, speed, params.preset, params.seed_mode, params.height, params.width,
+                                  params.frames)
 
 
 def _task(name: str, family: Family, input_media: MediaKind | None, output: OutputKind, *,

@@ -463,8 +463,9 @@ class WanVAE(nn.Module):
         generator: torch.Generator | None = None,
         eps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Posterior draw mu + exp(log_var / 2) * eps, eps ~ N(0, 1) from a CPU generator (reproducible on
-        any device; the official draws from the global CUDA RNG, which cannot be reproduced) or given."""
+        """Posterior draw mu + exp(log_var / 2) * eps (the official order of operations): eps ~ N(0, 1) float32
+        from `generator` (a CPU generator: the same values on any device), or given -- under `seed_mode:
+        official` the draw of the official run's global generator (official_random.py)."""
         if eps is None:
             eps = torch.randn(mu.shape, generator=generator, dtype=torch.float32)
         return eps.to(mu.device) * torch.exp(0.5 * log_var) + mu
