@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 
 from lance_ray.cli.exit_codes import EXIT_CODES_HELP, run_command
 from lance_ray.cli.jobs import add_job_commands
+from lance_ray.cli.quiet import ray_lines_hidden
 from lance_ray.cli.remote import add_remote_commands
 from lance_ray.cli.schedule import add_schedule_command
 
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lance-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and tracebacks of failures")
+                        help="debug logging, Ray's own log lines, and tracebacks of failures")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_job_commands(subparsers)
     add_remote_commands(subparsers)
@@ -47,4 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return run_command(args.command, args.func, args)
+    if not args.verbose:  # Ray's warnings are about Ray's internals, not about a lance-ray job
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    with ray_lines_hidden(enabled=not args.verbose):
+        return run_command(args.command, args.func, args)

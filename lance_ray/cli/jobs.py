@@ -7,6 +7,7 @@ The pipeline, the model and Ray are imported inside the commands, so that `lance
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,10 +56,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lance_ray.pipeline.runner import SUMMARY_PREFIX, format_summary, new_run_id, run_job
+    from lance_ray.pipeline.runner import SUMMARY_PREFIX, format_summary, new_run_id, run_job, shutdown_ray
 
     job = load_job_file(args.job)
     warn_debug_backends(job)
+    if args.metrics_port is not None and (args.address or job.ray.address or os.environ.get("RAY_ADDRESS")):
+        raise JobFileError("--metrics-port is for a local Ray; a cluster's nodes export metrics on the port "
+                           "their `ray start --metrics-export-port` names")
     if args.output:
         output = args.output if "://" in args.output else str(Path(args.output).resolve())
         job = job.model_copy(update={"output": output})
@@ -66,8 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or new_run_id()
     run_date = args.run_date or datetime.now(timezone.utc).date().isoformat()
     job = job.with_run_context(run_date=run_date, run_id=run_id)
-    summary = run_job(job, address=args.address, overwrite=args.overwrite, retry_failed=args.retry_failed,
-                      progress=not args.no_progress, run_id=run_id, verbose=args.verbose)
+    ray_was_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # e.g. a test's own Ray
+    try:
+        summary = run_job(job, address=args.address, overwrite=args.overwrite, retry_failed=args.retry_failed,
+                          progress=not args.no_progress, run_id=run_id, verbose=args.verbose,
+                          metrics_port=args.metrics_port)
+    finally:
+        if not ray_was_running:  # here, while Ray's lines are still kept off the terminal
+            shutdown_ray()
     print(format_summary(summary))
     print(SUMMARY_PREFIX + summary.to_json())  # one machine-readable line, read back by `lance-ray list`
     return EXIT_ROWS_FAILED if summary.failed else EXIT_OK
@@ -120,7 +130,10 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-failed", action="store_true", help="run rows that failed in an earlier run again")
     p.add_argument("--output", help="output root, overriding the job file's `output` (steps with their own "
                    "output.path keep it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="a local run's Ray exports Prometheus metrics at http://127.0.0.1:PORT/metrics "
+                   "(docs/deploy.md#metrics)")
     p.add_argument("--run-id", help="run id (fills {run_id} in output paths)")
     p.add_argument("--run-date", help="run date (fills {run_date} in output paths)")
     p.set_defaults(func=cmd_run)

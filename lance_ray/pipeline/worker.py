@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from lance_ray.io import media, storage
 from lance_ray.models.lance import DecodeSettings, GenerationSettings, TaskSpec, sample_frame_indices
-from lance_ray.pipeline import sinks
+from lance_ray.pipeline import metrics, sinks
 from lance_ray.pipeline.backends import TaskInput, TaskOutput, load_backend
 from lance_ray.spec import ModelRef, Params
 from lance_ray.spec.rows import (
@@ -102,6 +102,7 @@ def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
             continue
         if pixels is not None:
             row.set_input_array(pixels)
+    metrics.record_prepared(row.step for row in rows)
     return rows_to_table(rows, PREPARED_SCHEMA)
 
 
@@ -121,6 +122,7 @@ class LanceWorker:
         self.steps = steps
         self.batch_sizes = batch_sizes
         self.load_id = uuid.uuid4().hex[:12]
+        self.metrics = metrics.ActorMetrics(family, self.backend, time.perf_counter() - started)
         if events_uri:
             event = {
                 "event": "checkpoint_load",
@@ -139,6 +141,7 @@ class LanceWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = rows_from_table(batch)
+        self.metrics.batch_received(row.step for row in rows)
         # Sub-batches by step (one task, one settings object); LancePipeline groups each sub-batch by
         # shape itself (understanding packs mixed sizes into one call, generation batches same-shape targets).
         by_step: dict[str, list[Row]] = defaultdict(list)
@@ -178,6 +181,8 @@ class LanceWorker:
                 row.set_result_array(output.pixels)
             if turn_outputs:  # intermediate turns; the last turn is the row's result
                 row.set_turn_arrays([turn[index].pixels for turn in turn_outputs[:-1]])
+        self.metrics.model_call(ctx.name, ctx.task, ctx.settings, [row.text for row in chunk],
+                                time.perf_counter() - t0, len(ctx.turns))
 
     def _run_task(self, ctx: StepContext, chunk: list[Row]) -> tuple[list[TaskOutput], list[list[TaskOutput]]]:
         inputs = [TaskInput(prompt=row.prompt, seed=row.seed, media=row.input_array()) for row in chunk]
