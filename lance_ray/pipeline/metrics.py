@@ -47,8 +47,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                           ("step", "actor")),
     "denoising_steps_per_second": ("gauge", "Denoising steps (rows x steps) per second of an actor's latest "
                                    "model call.", ("step", "actor")),
-    "actor_busy_ratio": ("gauge", "Share of wall time an actor spent in model calls between its last two "
-                         "batches: its GPU's busy share when it has one.", ("family", "actor")),
+    "actor_busy_ratio": ("gauge", "Share of wall time an actor spent in model calls since its previous batch "
+                         "arrived: its GPU's busy share when it has one.", ("family", "actor")),
     "actor_memory_bytes": ("gauge", "Memory of a model actor: gpu_allocated and gpu_peak (torch's CUDA "
                            "allocator, GPU actors only) and host_rss.", ("family", "actor", "kind")),
     "checkpoint_load_seconds": ("gauge", "Seconds an actor took to load its checkpoint.",
@@ -138,11 +138,13 @@ class ActorMetrics:
             return
         for step, rows in Tally(steps).items():
             _inc("rows_received", rows, step=step)
-        now = time.monotonic()
-        if self.busy_s:
-            _set("actor_busy_ratio", min(self.busy_s / max(now - self.window_started, 1e-9), 1.0),
-                 family=self.family, actor=self.actor)
-        self.window_started, self.busy_s = now, 0.0
+        if self.busy_s:  # the window since the previous batch arrived, idle time included, closes here
+            self._busy_ratio()
+        self.window_started, self.busy_s = time.monotonic(), 0.0
+
+    def _busy_ratio(self) -> None:
+        window = max(time.monotonic() - self.window_started, 1e-9)
+        _set("actor_busy_ratio", min(self.busy_s / window, 1.0), family=self.family, actor=self.actor)
 
     def model_call(self, step: str, task: Any, settings: Any, texts: list[str | None], seconds: float,
                    turns: int = 1) -> None:
@@ -150,6 +152,7 @@ class ActorMetrics:
         if not self.enabled:
             return
         self.busy_s += seconds
+        self._busy_ratio()
         tags = {"step": step, "task": task.name}
         _metric("model_batch_rows").observe(len(texts), tags=tags)
         _inc("model_seconds", seconds, actor=self.actor, **tags)
