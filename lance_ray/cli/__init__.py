@@ -1,7 +1,7 @@
 """The `lance-ray` command: the parser, and `main`, which runs one command and returns its exit code.
 
-One module per group of commands: jobs.py (validate, plan, run, tiny-checkpoint), remote.py (submit,
-status, logs, stop, list), schedule.py (schedule). Commands raise `lance_ray.errors` types;
+One module per group of commands: jobs.py (validate, plan, run, tiny-checkpoint), report.py (report),
+remote.py (submit, status, logs, stop, list), schedule.py (schedule). Commands raise `lance_ray.errors` types;
 exit_codes.py turns them into exit codes, in one table. Heavy imports (torch, Ray) happen inside the
 commands, so `lance-ray --help` and `lance-ray validate` stay fast.
 """
@@ -16,6 +16,7 @@ from lance_ray.cli.exit_codes import EXIT_CODES_HELP, run_command
 from lance_ray.cli.jobs import add_job_commands
 from lance_ray.cli.quiet import ray_lines_hidden
 from lance_ray.cli.remote import add_remote_commands
+from lance_ray.cli.report import add_report_command
 from lance_ray.cli.schedule import add_schedule_command
 
 DESCRIPTION = """\
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, Ray's own log lines, and tracebacks of failures")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_job_commands(subparsers)
+    add_report_command(subparsers)
     add_remote_commands(subparsers)
     add_schedule_command(subparsers)
     return parser
