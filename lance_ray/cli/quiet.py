@@ -29,9 +29,11 @@ RAY_LINE = re.compile(
     r"|\((?:[^()\n]|\([^()\n]*(?:\([^()\n]*\))?[^()\n]*\))*pid=\d+(?:, ip=[\d.]+)?\) "
     r"|\((?:raylet|gcs_server|autoscaler|dashboard_agent)(?:, ip=[\d.]+)?\) "
 )
-_INSIDE_A_LINE = re.compile(rf"\[{_TIMESTAMP} [DIWEF] \d+ \d+\] ")
-# Enough characters to tell whether a line starts in one of those formats.
-_DECIDE_AFTER = 40
+_INSIDE_A_LINE = re.compile(rf"\[{_TIMESTAMP} [DIWEF] \d+ \d+\] ".encode())
+# Every one of those formats starts with `[`, `(` or a digit; a line that starts otherwise passes at once,
+# one that does is held until it ends (or grows past _DECIDE_AFTER characters).
+_MAYBE_RAY = re.compile(r"[\[(0-9]")
+_DECIDE_AFTER = 400
 _END = b"\0lance-ray: end of filtered stderr\0"
 
 
@@ -59,25 +61,27 @@ class _LineFilter:
 
     def _piece(self, piece: bytes, ends_line: bool) -> None:
         if self.passing:
-            # Ray's C++ lines also land in the middle of a line that a progress bar is redrawing.
-            inside = _INSIDE_A_LINE.search(piece.decode("utf-8", "replace"))
-            if inside is None:
-                self.write(piece)
-            else:
-                self.write(piece.decode("utf-8", "replace")[: inside.start()].encode())
-                self.passing, self.dropping = False, True
+            self._pass(piece)
         elif not self.dropping:
             self.pending += piece
             text = self.pending.decode("utf-8", "replace")
-            if ends_line or len(text) >= _DECIDE_AFTER:
+            if ends_line or len(text) >= _DECIDE_AFTER or not _MAYBE_RAY.match(text):
                 if is_ray_line(text):
                     self.dropping = True
                 else:
                     self.passing = True
-                    self.write(self.pending)
+                    self._pass(self.pending)
                 self.pending = b""
         if ends_line:
             self.passing = self.dropping = False
+
+    def _pass(self, data: bytes) -> None:
+        """Forwards a passing line's bytes, up to a C++ line that Ray wrote into the middle of it (as it
+        does into a progress bar being redrawn)."""
+        inside = _INSIDE_A_LINE.search(data)
+        self.write(data if inside is None else data[: inside.start()])
+        if inside is not None:
+            self.passing, self.dropping = False, True
 
     def flush(self) -> None:
         if self.pending and not is_ray_line(self.pending.decode("utf-8", "replace")):
