@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING
 
 from lance_ray.cli.exit_codes import EXIT_CODES_HELP, EXIT_OK, EXIT_ROWS_FAILED
 from lance_ray.errors import JobFileError
+from lance_ray.models.lance import GPU_SPEED
 
 if TYPE_CHECKING:
     from lance_ray.spec import Job
+
+GPU_TYPES = tuple(GPU_SPEED)
 
 
 def load_job_file(path: str) -> Job:
@@ -51,7 +54,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     job = load_job_file(args.job)
     warn_debug_backends(job)
-    print(format_plan(make_plan(job, args.gpus, count_rows(job))))
+    print(format_plan(make_plan(job, args.gpus, count_rows(job), args.gpu_type), gpu_price=args.gpu_price))
     return EXIT_OK
 
 
@@ -111,10 +114,17 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
         "plan",
         help="show the execution plan and estimated GPU time",
         description="Prints the rows per step, the checkpoint groups, the actors per group and the estimated "
-        "GPU time of a job file, without running anything.",
+        "GPU time of a job file (and its price with --gpu-price), without running anything: it neither "
+        "starts Ray nor loads the model. A row's cost grows with its denoising steps, output size and frames, "
+        "or its new tokens; the per-task costs are fitted to the benchmarks in benchmarks/results/. "
+        "Exit status: 0 planned; 2 bad job file or arguments.",
     )
     p.add_argument("job", help="the job file (YAML)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs to plan for (default 0: CPU actors)")
+    p.add_argument("--gpu-type", choices=GPU_TYPES, default="h100", help="GPU the time is estimated for "
+                   "(default h100)")
+    p.add_argument("--gpu-price", type=float, metavar="DOLLARS", help="price of one GPU-hour: also print the "
+                   "estimated cost, e.g. --gpu-price 2.5")
     p.set_defaults(func=cmd_plan)
 
     p = subparsers.add_parser(

@@ -19,7 +19,7 @@ from .params import Params
 from .presets import MAX_FRAMES, MAX_SIDE, PRESETS, presets_of
 from .settings import DecodeSettings, GenerationSettings, SamplerSettings
 from .source import default_cache_dir, source_kind
-from .tasks import PROMPT_COLUMNS, TASK_NAMES, TASKS, TaskSpec, get_task, tasks_of
+from .tasks import GPU_SPEED, PROMPT_COLUMNS, TASK_NAMES, TASKS, TaskSpec, get_task, tasks_of
 
 if TYPE_CHECKING:
     from .pipeline import LancePipeline
@@ -33,6 +33,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "GPU_SPEED",
     "MAX_FRAMES",
     "MAX_SIDE",
     "PRESETS",
