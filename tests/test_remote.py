@@ -342,7 +342,7 @@ def test_cluster_yaml_matches_the_ray_autoscaler_schema():
     commands = " ".join(config["setup_commands"])
     assert "lance-ray-jobs" in commands and f"ray[default,data]=={ray.__version__}" in commands
     for start in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
-        assert "ray start" not in start or "LANCE_RAY_CACHE=" in start  # model cache on local NVMe
+        assert "ray start" not in start or ("LANCE_RAY_CACHE=" in start and "HF_HOME=" in start)  # on local NVMe
 
 
 def test_kuberay_rayjob_manifest():
@@ -381,4 +381,5 @@ def test_kuberay_rayjob_manifest():
     )
     assert worker["image"] == container["image"]
     assert {"name": "LANCE_RAY_CACHE", "value": "/cache"} in worker["env"]
+    assert {"name": "HF_HOME", "value": "/cache/huggingface"} in worker["env"]  # hub checkpoints there too
     assert "AWS_SECRET_ACCESS_KEY" not in (REPO_ROOT / "deploy" / "kuberay-rayjob.yaml").read_text()
