@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,26 @@ def load_job_file(path: str) -> Job:
         raise JobFileError(f"{path}: no such job file") from None
     except OSError as exc:  # a directory, no permission …
         raise JobFileError(f"{path}: cannot read the job file: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class ScheduledRun:
+    """The run a job's schedule had due last: what `--scheduled` fills in, as the built-in scheduler would."""
+
+    scheduled_for: datetime
+    run_date: str
+    run_id: str
+    submission_id: str
+
+
+def scheduled_run(job: Job, now: datetime | None = None) -> ScheduledRun:
+    from lance_ray.cluster.schedule import latest_due, run_date_for, run_id_for, submission_id_for
+
+    if job.schedule is None:
+        raise JobFileError(f"--scheduled: the job {job.name} has no `schedule:` block")
+    moment = latest_due(job.schedule, now or datetime.now(timezone.utc))
+    return ScheduledRun(moment, run_date_for(job.schedule, moment), run_id_for(moment),
+                        submission_id_for(job.name, moment))
 
 
 def warn_debug_backends(job: Job) -> None:
@@ -69,9 +90,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.output:
         output = args.output if "://" in args.output else str(Path(args.output).resolve())
         job = job.model_copy(update={"output": output})
-    # {run_date} / {run_id} in output paths: scheduled runs pass them, a manual run gets today and a new id.
-    run_id = args.run_id or new_run_id()
-    run_date = args.run_date or datetime.now(timezone.utc).date().isoformat()
+    # {run_date} / {run_id} in output paths: scheduled runs pass them (or ask for them with --scheduled),
+    # a manual run gets today and a new id.
+    scheduled = scheduled_run(job) if args.scheduled else None
+    run_id = args.run_id or (scheduled.run_id if scheduled else new_run_id())
+    run_date = args.run_date or (scheduled.run_date if scheduled else datetime.now(timezone.utc).date().isoformat())
     job = job.with_run_context(run_date=run_date, run_id=run_id)
     ray_was_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # e.g. a test's own Ray
     try:
@@ -146,6 +169,8 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
                    "(docs/deploy.md#metrics)")
     p.add_argument("--run-id", help="run id (fills {run_id} in output paths)")
     p.add_argument("--run-date", help="run date (fills {run_date} in output paths)")
+    p.add_argument("--scheduled", action="store_true", help="this is the run the job's schedule had due last "
+                   "(a Kubernetes RayCronJob runs it so): run date and run id are that time's")
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser(

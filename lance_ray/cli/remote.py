@@ -18,7 +18,7 @@ from lance_ray.cli.exit_codes import (
     EXIT_OK,
     EXIT_ROWS_FAILED,
 )
-from lance_ray.cli.jobs import load_job_file
+from lance_ray.cli.jobs import load_job_file, scheduled_run
 from lance_ray.errors import ClusterError, JobFileError, RunError
 
 if TYPE_CHECKING:
@@ -143,11 +143,16 @@ def follow_to_end(cluster: RemoteCluster, submission_id: str) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    load_job_file(args.job)  # a bad job file fails here, before any network
+    job = load_job_file(args.job)  # a bad job file fails here, before any network
     options = submit_options_from_args(args)
+    run = {"submission_id": args.submission_id, "run_date": args.run_date, "run_id": args.run_id}
+    metadata = None
+    if args.scheduled:  # what the built-in scheduler would submit for the time due last
+        scheduled = scheduled_run(job)
+        run = {key: value or getattr(scheduled, key) for key, value in run.items()}
+        metadata = {"lance_ray_scheduled_for": scheduled.scheduled_for.isoformat()}
     cluster = _connect(args.address)
-    submission_id = cluster.submit(args.job, options, submission_id=args.submission_id,
-                                   run_date=args.run_date, run_id=args.run_id, out=sys.stderr)
+    submission_id = cluster.submit(args.job, options, metadata=metadata, out=sys.stderr, **run)
     print(submission_id)
     if not args.follow:
         print(
@@ -218,6 +223,9 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--submission-id", help="submission id to use (default: one chosen by Ray)")
     p.add_argument("--run-date", help="fills {run_date} in output paths")
     p.add_argument("--run-id", help="fills {run_id} in output paths")
+    p.add_argument("--scheduled", action="store_true",
+                   help="submit the run the job's schedule had due last (as a Kubernetes CronJob does): run "
+                   "date, run id and submission id are that time's, so the cluster refuses it twice")
     add_submit_options(p)
     p.set_defaults(func=cmd_submit)
 
