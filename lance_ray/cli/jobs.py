@@ -127,8 +127,9 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "validate",
         help="check a job file",
-        description="Checks a job file: its schema, its templates, and that local input paths exist. Every "
-        "problem is printed as file:line:col: message. Exits 0 when it is valid, 2 when it is not.",
+        description="Checks a job file: its schema, its templates, and that local input paths exist, without "
+        "starting Ray or loading the model. Every problem is printed as file:line:col: message.",
+        epilog="exit status: 0 the job file is valid; 2 it is not (every problem printed).",
     )
     p.add_argument("job", help="the job file (YAML)")
     p.set_defaults(func=cmd_validate)
@@ -139,8 +140,8 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Prints the rows per step, the checkpoint groups, the actors per group and the estimated "
         "GPU time of a job file (and its price with --gpu-price), without running anything: it neither "
         "starts Ray nor loads the model. A row's cost grows with its denoising steps, output size and frames, "
-        "or its new tokens; the per-task costs are fitted to the benchmarks in benchmarks/results/. "
-        "Exit status: 0 planned; 2 bad job file or arguments.",
+        "or its new tokens; the per-task costs are fitted to the benchmarks in benchmarks/results/.",
+        epilog="exit status: 0 planned; 2 bad job file or arguments.",
     )
     p.add_argument("job", help="the job file (YAML)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs to plan for (default 0: CPU actors)")
@@ -178,6 +179,7 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
         help="write the tiny random Lance checkpoint (official layout)",
         description="Writes a tiny Lance checkpoint with random weights in the official Hugging Face layout, "
         "for tests and the CPU quickstart (jobs name it `lance-tiny`). Prints the directory.",
+        epilog="exit status: 0 written; 3 it could not be written.",
     )
     p.add_argument("out", help="directory to write it to")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

@@ -234,6 +234,7 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
         help="state of a submission (default: the newest lance-ray one)",
         description="Prints the state of a submission: status, start and end times, rows ok and failed (once "
         "it has finished), entrypoint. Without an id, the newest lance-ray submission.",
+        epilog="exit status: 0 shown; 4 the cluster cannot be reached, or has no such submission.",
     )
     p.add_argument("id", nargs="?", help="submission id (default: the newest lance-ray submission)")
     p.add_argument("--address", help=ADDRESS_HELP)
@@ -244,6 +245,9 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
         help="logs of a submission",
         description="Prints the logs of a submission so far; with --follow streams them until the run ends "
         "and exits as the run did.",
+        epilog="exit status: 0 shown; with --follow, as the run ended on the cluster (0 succeeded, 1 some rows "
+        "failed, 2 bad job file, 3 the run failed or was stopped); 4 the cluster cannot be reached, or has no "
+        "such submission; 130 Ctrl-C stopped following (the run goes on).",
     )
     p.add_argument("id", help="submission id")
     p.add_argument("--address", help=ADDRESS_HELP)
@@ -255,6 +259,8 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
         help="stop a submission",
         description="Asks the cluster to stop a submission. Rows it committed are kept; submitting the job "
         "again skips them.",
+        epilog="exit status: 0 stop requested, or the run had already finished; 4 the cluster cannot be "
+        "reached, or has no such submission.",
     )
     p.add_argument("id", help="submission id")
     p.add_argument("--address", help=ADDRESS_HELP)
@@ -265,6 +271,7 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
         help="recent lance-ray submissions with status and row counts",
         description="Lists the newest submissions on the cluster (lance-ray jobs only unless --all), with "
         "their status, times and row counts.",
+        epilog="exit status: 0 listed; 4 the cluster cannot be reached.",
     )
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--limit", type=int, default=20, help="newest N submissions (default 20)")

@@ -24,8 +24,9 @@ def add_report_command(subparsers: argparse._SubParsersAction) -> None:
         "under OUTPUT, a job's output root: per-step counts, rows/s and time at the top; each row's output "
         "beside its input and prompt; filters for failed rows and their errors; a detail view with params "
         "and seed. It goes to OUTPUT/_runs/<run id>/report.html unless --out says otherwise; its path is "
-        "printed. Exit status: 0 written; 2 no finished run under OUTPUT, or --out names a file that is not "
-        "a lance-ray report.",
+        "printed.",
+        epilog="exit status: 0 written; 2 no finished run under OUTPUT, or --out names a file that is not a "
+        "lance-ray report; 3 it could not be written.",
     )
     p.add_argument("output", metavar="OUTPUT", help="the job's output root (local directory or s3://...)")
     p.add_argument("--run", metavar="RUN_ID", help="which run (default: the newest that finished)")

@@ -112,6 +112,15 @@ class RunMetrics:
         _set("rows_pending", pending, job=self.job, step=step)
 
 
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux, where GPU nodes run); None where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
 def _token_counter(backend: Any) -> Callable[[str], int] | None:
     """How to count the tokens of generated text: the model's own tokenizer (none for the debug backend)."""
     tokenizer = getattr(getattr(backend, "pipeline", None), "tokenizer", None)
@@ -170,12 +179,9 @@ class ActorMetrics:
 
     def _memory(self) -> None:
         tags = {"family": self.family, "actor": self.actor}
-        try:
-            import psutil  # installed with ray[default]
-
-            _set("actor_memory_bytes", psutil.Process().memory_info().rss, kind="host_rss", **tags)
-        except ImportError:
-            pass
+        rss = _resident_bytes()
+        if rss is not None:
+            _set("actor_memory_bytes", rss, kind="host_rss", **tags)
         torch = sys.modules.get("torch")  # only where the model already loaded it
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             _set("actor_memory_bytes", torch.cuda.memory_allocated(), kind="gpu_allocated", **tags)
