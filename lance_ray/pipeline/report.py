@@ -28,6 +28,7 @@ from lance_ray.errors import InputError
 from lance_ray.io import media, storage
 from lance_ray.pipeline.sinks import read_step_output
 
+SUMMARY_FILE = "summary.json"  # a run's summary in its events directory: the runner writes it, the report reads it
 GENERATOR = "lance-ray report"  # in the page's <meta name="generator">: marks a file this module wrote
 REPORT_NAME = "report.html"
 THUMB_PX = 192  # longest side of an embedded thumbnail
@@ -66,7 +67,7 @@ def run_dirs(output: str) -> dict[str, str]:
     """run id -> events directory of every run under `output` that finished with a summary."""
     fs, root = storage.filesystem_for(storage.join_uri(output, "_runs"))
     fs.invalidate_cache(root)
-    found = fs.glob(f"{root}/*/summary.json") if fs.exists(root) else []
+    found = fs.glob(f"{root}/*/{SUMMARY_FILE}") if fs.exists(root) else []
     return {PurePosixPath(path).parent.name: storage.join_uri(output, "_runs", PurePosixPath(path).parent.name)
             for path in found}
 
@@ -74,9 +75,10 @@ def run_dirs(output: str) -> dict[str, str]:
 def collect(output: str, run_id: str | None = None, max_rows: int = 100) -> RunReport:
     """The data of the page: the newest run's summary (or `run_id`'s), and each of its steps' committed rows
     (at most `max_rows` per step, failed rows first)."""
-    runs = {rid: _read_json(storage.join_uri(d, "summary.json")) for rid, d in run_dirs(output).items()}
+    dirs = run_dirs(output)
+    runs = {rid: _read_json(storage.join_uri(events, SUMMARY_FILE)) for rid, events in dirs.items()}
     if not runs:
-        raise InputError(f"{output}: no finished lance-ray run here (no _runs/*/summary.json); give the "
+        raise InputError(f"{output}: no finished lance-ray run here (no _runs/*/{SUMMARY_FILE}); give the "
                          "job's output root (its `output:`, or run --output)")
     if run_id is None:
         run_id = max(runs, key=lambda rid: (runs[rid].get("finished_at") or "", rid))
@@ -90,8 +92,7 @@ def collect(output: str, run_id: str | None = None, max_rows: int = 100) -> RunR
         ok = [row for row in table if not row["error"]]
         steps.append(StepReport(step["name"], step["task"], step["output"], (failed + ok)[:max_rows],
                                 committed=len(table), ok=len(ok), failed=len(failed), run=step))
-    events = run_dirs(output)[run_id]
-    fs, root = storage.filesystem_for(events)
+    fs, root = storage.filesystem_for(dirs[run_id])
     loads = [_read_json(storage.to_uri(fs, path)) for path in sorted(fs.glob(f"{root}/load-*.json"))]
     return RunReport(output, summary, steps, loads)
 

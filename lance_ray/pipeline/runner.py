@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from lance_ray.pipeline import sinks, sources
 from lance_ray.pipeline.metrics import RunMetrics
 from lance_ray.pipeline.planner import Group, Plan, make_plan, runs_side_by_side
 from lance_ray.pipeline.progress import StepProgress
+from lance_ray.pipeline.report import SUMMARY_FILE
 from lance_ray.pipeline.worker import LanceWorker, StepContext, finish_rows, prepare_rows
 from lance_ray.spec import Job, Step
 
@@ -33,9 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SUMMARY_PREFIX = "LANCE_RAY_SUMMARY "
-SUMMARY_FILE = "summary.json"  # the RunSummary as JSON, in the run's events directory (read by `lance-ray report`)
-
-
 SAMPLE_ERRORS = 3  # distinct error messages kept per step for the summary
 
 
@@ -135,8 +134,6 @@ def init_ray(address: str | None, verbose: bool = False, metrics_port: int | Non
 
 def shutdown_ray() -> None:
     """Stops the local Ray this process started (a connection to a cluster is only closed)."""
-    import sys
-
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
