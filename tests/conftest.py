@@ -174,9 +174,23 @@ def ray_head() -> Iterator[RayHead]:
         wait_for(lambda: up(head.dashboard + "/api/version"), what=f"the Ray dashboard at {head.dashboard}")
         from ray.job_submission import JobStatus, JobSubmissionClient
 
-        client_api = JobSubmissionClient(head.dashboard)
-        first = client_api.submit_job(entrypoint="true")
-        wait_for(lambda: client_api.get_job_status(first) == JobStatus.SUCCEEDED, what="a first job on the head")
+        first: dict[str, object] = {}  # the client and the submission id of a first trivial job
+
+        def a_job_ran() -> bool:
+            try:
+                if "client" not in first:
+                    first["client"] = JobSubmissionClient(head.dashboard)
+                client = first["client"]
+                if "job" not in first:
+                    first["job"] = client.submit_job(entrypoint="true")
+                status = client.get_job_status(first["job"])
+            except (RuntimeError, OSError):  # e.g. "No available agent to submit job, please try again later"
+                return False
+            if status in (JobStatus.FAILED, JobStatus.STOPPED):  # the agent was not ready for it: another
+                del first["job"]
+            return status == JobStatus.SUCCEEDED
+
+        wait_for(a_job_ran, what="a first job to run on the head (its job agent is up)")
         wait_for(lambda: up(head.metrics), what=f"the metrics endpoint {head.metrics}")
         yield head
     finally:
