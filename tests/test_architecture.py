@@ -166,3 +166,21 @@ def test_job_files_and_help_never_import_torch_or_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_validate_plan_and_help_never_import_torch_nor_start_ray() -> None:
+    """The commands themselves, as a user runs them (the plan counts the quickstart's input rows)."""
+    job = PACKAGE.parent / "jobs" / "quickstart.yaml"
+    code = (
+        "import sys; from lance_ray.cli import main; "
+        f"codes = [main(['validate', {str(job)!r}]), main(['plan', {str(job)!r}, '--gpus', '8', '--gpu-price', '2'])]; "
+        "ray = sys.modules.get('ray'); "
+        "print(codes, 'torch' in sys.modules, bool(ray and ray.is_initialized()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0] False False"
+    help_run = subprocess.run([sys.executable, "-c", "import sys; from lance_ray.cli import main\n"
+                               "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                               "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"],
+                              capture_output=True, text=True, check=True)
+    assert help_run.stdout.strip().splitlines()[-1] == "[]"

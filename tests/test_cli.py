@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import READY_TIMEOUT_S
 
 from lance_ray.cli import main
 from lance_ray.pipeline.runner import SUMMARY_PREFIX
@@ -73,13 +74,13 @@ def test_missing_checkpoint_directory_fails_before_ray_starts(tmp_path: Path) ->
                    "steps:\n  - {name: a, task: t2i, input: {rows: [{prompt: x}]}}\n")
     # A subprocess, as a user runs it: pytest's own log handlers would swallow the -v traceback.
     quiet = subprocess.run([sys.executable, "-m", "lance_ray.cli", "run", str(job), "--no-progress"],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
+                           cwd=REPO, capture_output=True, text=True, timeout=READY_TIMEOUT_S)
     assert quiet.returncode == 3
     (line,) = [line for line in quiet.stderr.splitlines() if "no checkpoint directory at" in line]
     assert line.startswith("lance-ray run: failed: ")
     assert "Traceback" not in quiet.stderr
     verbose = subprocess.run([sys.executable, "-m", "lance_ray.cli", "-v", "run", str(job), "--no-progress"],
-                             cwd=REPO, capture_output=True, text=True, timeout=120)
+                             cwd=REPO, capture_output=True, text=True, timeout=READY_TIMEOUT_S)
     assert verbose.returncode == 3 and "Traceback" in verbose.stderr
 
 
@@ -120,7 +121,7 @@ def test_help_describes_lance_ray_every_command_and_every_exit_code(capsys: pyte
     top = capsys.readouterr().out
     assert "ByteDance's Lance model" in top
     (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    commands = {"validate", "plan", "run", "export", "tiny-checkpoint", "submit", "status", "logs", "stop", "list",
+    commands = {"validate", "plan", "run", "export", "report", "tiny-checkpoint", "submit", "status", "logs", "stop", "list",
                 "schedule"}
     assert set(subparsers.choices) == commands
     for line in ("0    success", "1    the run finished but some rows failed", "2    bad job file",
@@ -137,8 +138,9 @@ def test_help_describes_lance_ray_every_command_and_every_exit_code(capsys: pyte
         description = " ".join(parser.description.split())
         assert len(description) > len(one_line_helps[name]), name  # says more than the one-liner
         assert description in " ".join(shown.split()), name
+        assert "exit status:" in shown, name  # every command says how it exits
         if name in ("run", "submit"):
-            assert "exit status:" in shown and "130  interrupted" in shown, name
+            assert "130  interrupted" in shown, name
 
 
 def test_errors_map_to_exit_codes_in_one_table(capsys: pytest.CaptureFixture) -> None:
@@ -194,7 +196,7 @@ def _run_cli(*args: str, **kwargs) -> subprocess.Popen:
 def test_run_exit_status_and_summary_line(tmp_path: Path) -> None:
     job = _write_job(tmp_path, 3, extra_rows='{"id": "empty", "prompt": ""}\n')
     proc = _run_cli("run", str(job), "--no-progress")
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=READY_TIMEOUT_S)
     assert proc.returncode == 1, out  # one row failed
     assert "WARNING: the image steps use the DEBUG backend" in out
     summary = json.loads(next(line for line in out.splitlines() if line.startswith(SUMMARY_PREFIX))
@@ -211,16 +213,16 @@ def test_killed_run_resumes_to_exactly_once(tmp_path: Path) -> None:
     out_dir = tmp_path / "out" / "gen"
     # A new session: the kill takes the driver and the local Ray it started, as a crash would.
     proc = _run_cli("run", str(job), "--no-progress", start_new_session=True)
-    deadline = time.time() + 240
+    deadline = time.time() + READY_TIMEOUT_S
     while time.time() < deadline and not list(out_dir.glob("part-*.parquet")):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait(timeout=READY_TIMEOUT_S)
     committed_after_kill = len(committed_row_ids(str(out_dir)))
     assert 0 < committed_after_kill < rows, "the run must be killed mid-way for this test to mean anything"
 
     proc = _run_cli("run", str(job), "--no-progress")
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=READY_TIMEOUT_S)
     assert proc.returncode == 0, out
     table = read_step_output(str(out_dir))
     ids = table.column("row_id").to_pylist()
@@ -244,12 +246,12 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_committed_rows(tmp_path: Path)
     proc = subprocess.Popen([sys.executable, "-m", "lance_ray.cli", "run", str(job), "--no-progress"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + READY_TIMEOUT_S
         while time.time() < deadline and proc.poll() is None and not list(out_dir.glob("part-*.parquet")):
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()
         os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=READY_TIMEOUT_S)
     finally:
         with contextlib.suppress(ProcessLookupError):  # whatever of the local Ray outlived the driver
             os.killpg(proc.pid, signal.SIGKILL)

@@ -48,9 +48,9 @@ def test_groups_by_family_and_rows_flow_down_chains(tmp_path: Path) -> None:
     assert not runs_side_by_side(plan.waves[0], 4)
     # Rows of a step fed by another step are estimated from its upstream.
     assert plan.waves[2].groups[0].steps[0].rows == 200
-    t2i, x2t = TASKS["t2i"].cost, TASKS["x2t_image"].cost
-    # defaults: t2i at its reference shape; captions of 256 tokens, twice the 128 the cost was measured at
-    expected = 200 * t2i.seconds + 50 * x2t.seconds * 2
+    t2i, x2t = TASKS["t2i"], TASKS["x2t_image"]
+    # defaults: t2i 768² at 30 steps; captions of 256 new tokens
+    expected = 200 * t2i.cost.per_unit * 30 * 48 * 48 + 50 * x2t.cost.per_unit * 256
     assert abs(wave0["image"].estimated_gpu_s - expected) < 1e-9
 
 

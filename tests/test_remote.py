@@ -1,32 +1,19 @@
-"""Remote submission through the Ray Jobs API, against a real Ray head started by this module.
-
-The head (`jobs_head`) is `ray start --head --block` in a subprocess of its own session, with its
-own `--temp-dir` and free ports. Ray records a started cluster's address in its temp dir, so with a
-private one `ray.init()` elsewhere in the test session never discovers this head. Teardown sends
-SIGTERM to the blocking `ray start` (which stops the processes it started) and SIGKILLs any process
-of its session still left. `ray stop` is never used: it stops every Ray on the machine.
-"""
+"""Remote submission through the Ray Jobs API, against the session's real Ray head (`jobs_head` in conftest.py:
+`ray start --head` in a session of its own, shared with the metrics tests)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import textwrap
-import time
-import urllib.request
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, wait_for
 
 from lance_ray.cli import main
 from lance_ray.cli.exit_codes import exit_code_for_error
@@ -47,107 +34,6 @@ from lance_ray.pipeline.sources import open_source
 from lance_ray.spec import load_job
 
 SAMPLE_IMAGES = REPO_ROOT / "datasets" / "images"
-
-
-# ------------------------------------------------------------------------------------ the head
-
-
-def _session_processes(session_id: int) -> list[int]:
-    """Pids of the processes whose session id is `session_id` (all started by our `ray start`)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session …
-        if int(fields[3]) == session_id:
-            pids.append(int(entry))
-    return pids
-
-
-def _wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/api/version", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"the Ray dashboard at {url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="session")
-def jobs_head() -> Iterator[str]:
-    """The dashboard address (Jobs API) of a private local Ray head with 2 CPUs."""
-    temp = Path(tempfile.mkdtemp(prefix="lrh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    port, dashboard, client, agent = (free_port() for _ in range(4))
-    env = {
-        **os.environ,
-        "RAY_TMPDIR": str(temp),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    env.pop("RAY_ADDRESS", None)
-    # Ray 2.60 turns token auth on for `ray start` when ~/.ray/auth_token exists (any local `ray.init()`
-    # writes one); this head's clients are this test session only, so it runs without.
-    env["RAY_AUTH_MODE"] = "disabled"
-    log = temp / "ray-start.log"
-    command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
-        f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats",
-    ]  # fmt: skip
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_for_dashboard(address, proc, log)
-        _wait_for_job_agent(address)
-        yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):  # a graceful stop can drain for 30 s: don't wait
-            proc.wait(timeout=5)
-        for pid in _session_processes(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait_for_job_agent(address: str, timeout: float = 120) -> None:
-    """The dashboard answers before its job agent has registered; on a loaded machine a first submission
-    can then be refused ("No available agent to submit job"). Submit a no-op job until one is accepted."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.submit_job(entrypoint="true")
-            return
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 # ------------------------------------------------------------------------------------- staging
@@ -430,7 +316,7 @@ def test_status_logs_stop_on_a_long_running_job(jobs_head, capsys):
 
     assert main(["stop", submission_id, "--address", jobs_head]) == 0
     assert "stop requested" in capsys.readouterr().out
-    wait_for(lambda: cluster.info(submission_id).status == "STOPPED", timeout=60, what="STOPPED")
+    wait_for(lambda: cluster.info(submission_id).status == "STOPPED", what="STOPPED")
     assert main(["logs", submission_id, "--address", jobs_head, "--follow"]) == 3  # ended, not succeeded
     assert main(["stop", submission_id, "--address", jobs_head]) == 0
     assert "already finished" in capsys.readouterr().out
@@ -523,7 +409,7 @@ def test_cluster_yaml_matches_the_ray_autoscaler_schema():
     commands = " ".join(config["setup_commands"])
     assert "lance-ray-jobs" in commands and f"ray[default,data]=={ray.__version__}" in commands
     for start in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
-        assert "ray start" not in start or "LANCE_RAY_CACHE=" in start  # model cache on local NVMe
+        assert "ray start" not in start or ("LANCE_RAY_CACHE=" in start and "HF_HOME=" in start)  # on local NVMe
 
 
 def test_kuberay_rayjob_manifest():
@@ -562,4 +448,5 @@ def test_kuberay_rayjob_manifest():
     )
     assert worker["image"] == container["image"]
     assert {"name": "LANCE_RAY_CACHE", "value": "/cache"} in worker["env"]
+    assert {"name": "HF_HOME", "value": "/cache/huggingface"} in worker["env"]  # hub checkpoints there too
     assert "AWS_SECRET_ACCESS_KEY" not in (REPO_ROOT / "deploy" / "kuberay-rayjob.yaml").read_text()

@@ -1,7 +1,7 @@
 """The `lance-ray` command: the parser, and `main`, which runs one command and returns its exit code.
 
-One module per group of commands: jobs.py (validate, plan, run, tiny-checkpoint), remote.py (submit,
-status, logs, stop, list), schedule.py (schedule). Commands raise `lance_ray.errors` types;
+One module per group of commands: jobs.py (validate, plan, run, tiny-checkpoint), report.py (report),
+remote.py (submit, status, logs, stop, list), schedule.py (schedule). Commands raise `lance_ray.errors` types;
 exit_codes.py turns them into exit codes, in one table. Heavy imports (torch, Ray) happen inside the
 commands, so `lance-ray --help` and `lance-ray validate` stay fast.
 """
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 
 from lance_ray.cli.exit_codes import EXIT_CODES_HELP, run_command
 from lance_ray.cli.jobs import add_job_commands
+from lance_ray.cli.quiet import ray_lines_hidden
 from lance_ray.cli.remote import add_remote_commands
+from lance_ray.cli.report import add_report_command
 from lance_ray.cli.schedule import add_schedule_command
 
 DESCRIPTION = """\
@@ -35,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lance-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and tracebacks of failures")
+                        help="debug logging, Ray's own log lines, and tracebacks of failures")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_job_commands(subparsers)
+    add_report_command(subparsers)
     add_remote_commands(subparsers)
     add_schedule_command(subparsers)
     return parser
@@ -49,4 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # one, prints every request's signed headers, access key id included.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lance_ray").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    return run_command(args.command, args.func, args)
+    if not args.verbose:  # Ray's warnings are about Ray's internals, not about a lance-ray job
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    with ray_lines_hidden(enabled=not args.verbose):
+        return run_command(args.command, args.func, args)

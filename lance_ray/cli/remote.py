@@ -18,7 +18,7 @@ from lance_ray.cli.exit_codes import (
     EXIT_OK,
     EXIT_ROWS_FAILED,
 )
-from lance_ray.cli.jobs import load_job_file
+from lance_ray.cli.jobs import load_job_file, scheduled_run
 from lance_ray.errors import ClusterError, JobFileError, RunError
 
 if TYPE_CHECKING:
@@ -150,11 +150,16 @@ def follow_to_end(cluster: RemoteCluster, submission_id: str) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    load_job_file(args.job)  # a bad job file fails here, before any network
+    job = load_job_file(args.job)  # a bad job file fails here, before any network
     options = submit_options_from_args(args)
+    run = {"submission_id": args.submission_id, "run_date": args.run_date, "run_id": args.run_id}
+    metadata = None
+    if args.scheduled:  # what the built-in scheduler would submit for the time due last
+        scheduled = scheduled_run(job)
+        run = {key: value or getattr(scheduled, key) for key, value in run.items()}
+        metadata = {"lance_ray_scheduled_for": scheduled.scheduled_for.isoformat()}
     cluster = _connect(args.address)
-    submission_id = cluster.submit(args.job, options, submission_id=args.submission_id,
-                                   run_date=args.run_date, run_id=args.run_id, out=sys.stderr)
+    submission_id = cluster.submit(args.job, options, metadata=metadata, out=sys.stderr, **run)
     print(submission_id)
     if not args.follow:
         print(
@@ -226,6 +231,9 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--submission-id", help="submission id to use (default: one chosen by Ray)")
     p.add_argument("--run-date", help="fills {run_date} in output paths")
     p.add_argument("--run-id", help="fills {run_id} in output paths")
+    p.add_argument("--scheduled", action="store_true",
+                   help="submit the run the job's schedule had due last (as a Kubernetes CronJob does): run "
+                   "date, run id and submission id are that time's, so the cluster refuses it twice")
     add_submit_options(p)
     p.set_defaults(func=cmd_submit)
 
@@ -234,6 +242,7 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
         help="state of a submission (default: the newest lance-ray one)",
         description="Prints the state of a submission: status, start and end times, rows ok and failed (once "
         "it has finished), entrypoint. Without an id, the newest lance-ray submission.",
+        epilog="exit status: 0 shown; 4 the cluster cannot be reached, or has no such submission.",
     )
     p.add_argument("id", nargs="?", help="submission id (default: the newest lance-ray submission)")
     p.add_argument("--address", help=ADDRESS_HELP)
@@ -244,6 +253,9 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
         help="logs of a submission",
         description="Prints the logs of a submission so far; with --follow streams them until the run ends "
         "and exits as the run did.",
+        epilog="exit status: 0 shown; with --follow, as the run ended on the cluster (0 succeeded, 1 some rows "
+        "failed, 2 bad job file, 3 the run failed or was stopped); 4 the cluster cannot be reached, or has no "
+        "such submission; 130 Ctrl-C stopped following (the run goes on).",
     )
     p.add_argument("id", help="submission id")
     p.add_argument("--address", help=ADDRESS_HELP)
@@ -255,6 +267,8 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
         help="stop a submission",
         description="Asks the cluster to stop a submission. Rows it committed are kept; submitting the job "
         "again skips them.",
+        epilog="exit status: 0 stop requested, or the run had already finished; 4 the cluster cannot be "
+        "reached, or has no such submission.",
     )
     p.add_argument("id", help="submission id")
     p.add_argument("--address", help=ADDRESS_HELP)
@@ -265,6 +279,7 @@ def add_remote_commands(subparsers: argparse._SubParsersAction) -> None:
         help="recent lance-ray submissions with status and row counts",
         description="Lists the newest submissions on the cluster (lance-ray jobs only unless --all), with "
         "their status, times and row counts.",
+        epilog="exit status: 0 listed; 4 the cluster cannot be reached.",
     )
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--limit", type=int, default=20, help="newest N submissions (default 20)")

@@ -141,6 +141,18 @@ def next_after(schedule: ScheduleSpec, moment: datetime) -> datetime:
     return next(_instants(schedule, moment))
 
 
+def latest_due(schedule: ScheduleSpec, moment: datetime) -> datetime:
+    """The newest scheduled instant at or before `moment`: the run that a Kubernetes CronJob firing now
+    stands for (`lance-ray submit --scheduled`)."""
+    zone = ZoneInfo(schedule.timezone)
+    # One minute past `moment` so that a time due exactly now counts; walk back over wall-clock times.
+    it = croniter(schedule.cron, (moment + timedelta(minutes=1)).astimezone(zone).replace(tzinfo=None))
+    while True:
+        instant = wall_to_utc(it.get_prev(datetime), zone)
+        if instant <= moment:
+            return instant
+
+
 def run_date_for(schedule: ScheduleSpec, scheduled_for: datetime) -> str:
     """The `{run_date}` of a run: its scheduled day in the schedule's time zone."""
     return scheduled_for.astimezone(ZoneInfo(schedule.timezone)).date().isoformat()

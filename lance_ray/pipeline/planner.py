@@ -1,17 +1,24 @@
-"""Steps → waves (dependency order) → checkpoint groups → actors, with an estimated GPU time.
+"""Steps → waves (dependency order) → checkpoint groups → actors, with an estimated GPU time (and cost).
 
 A wave is a set of steps whose inputs are ready at the same time: steps without `from_step` are
 wave 0, a step reading another step's output runs one wave after it. Inside a wave, steps of the same
 checkpoint family form one group: one actor pool that loads the checkpoint once per GPU and serves
 all of the group's steps. Groups of one wave run side by side when the cluster has GPUs for all of
 them, one after another otherwise.
+
+The GPU time of a step is rows x turns x its task's cost per row, which grows with what the row asks
+for (denoising steps x output size x frames, or new tokens; `TaskSpec.gpu_seconds_per_row`), on the
+GPU type asked for (`GPU_SPEED`: costs were fitted on H100s and H200s, benchmarks/fit_costs.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lance_ray.models.lance import GPU_SPEED
 from lance_ray.spec import Job, Params, Step
+
+GPU_TYPES = tuple(GPU_SPEED)
 
 
 @dataclass
@@ -22,14 +29,16 @@ class PlannedStep:
 
     params: Params  # the step's effective params (task defaults applied)
     rows_estimated: bool = False  # `rows` is an estimate (a large remote table counted from its head)
+    gpu_type: str = "h100"
 
     def timeout_s(self, on_gpu: bool) -> float:
         """Deadline of one model call of this step (see `Resources.timeout_s`): the step's own, else ten
         minutes plus twenty times the call's estimated time (a hundred times on CPU actors, whose speed the
-        H100-based costs do not describe)."""
+        GPU costs do not describe)."""
         if self.step.resources.timeout_s is not None:
             return self.step.resources.timeout_s
-        estimate = self.batch_size * max(1, len(self.step.turns or [])) * self.step.spec.cost.seconds_per_row(self.params)
+        turns = max(1, len(self.step.turns or []))
+        estimate = self.batch_size * turns * self.step.spec.gpu_seconds_per_row(self.params, self.gpu_type)
         return 600 + (20 if on_gpu else 100) * estimate
 
     @property
@@ -37,7 +46,7 @@ class PlannedStep:
         if self.rows is None:
             return None
         turns = max(1, len(self.step.turns or []))
-        return self.rows * turns * self.step.spec.cost.seconds_per_row(self.params)
+        return self.rows * turns * self.step.spec.gpu_seconds_per_row(self.params, self.gpu_type)
 
 
 @dataclass
@@ -64,6 +73,7 @@ class Plan:
     job: Job
     waves: list[Wave]
     cluster_gpus: int
+    gpu_type: str = "h100"
 
     @property
     def groups(self) -> list[Group]:
@@ -86,9 +96,12 @@ def step_levels(job: Job) -> dict[str, int]:
 
 
 def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None] | None = None,
-              estimated: frozenset[str] = frozenset()) -> Plan:
+              estimated: frozenset[str] = frozenset(), gpu_type: str = "h100") -> Plan:
     """Builds the plan. `row_counts` maps step name → rows (None = unknown); missing steps count as unknown;
-    `estimated` names the steps whose count is an estimate."""
+    `estimated` names the steps whose count is an estimate. `gpu_type` (one of GPU_TYPES) is what the GPU
+    time is estimated for."""
+    if gpu_type not in GPU_SPEED:
+        raise ValueError(f"unknown GPU type {gpu_type!r}; costs are known for {', '.join(GPU_TYPES)}")
     row_counts = dict(row_counts or {})
     levels = step_levels(job)
     for step in sorted(job.steps, key=lambda s: levels[s.name]):
@@ -103,7 +116,8 @@ def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None]
             rows = row_counts.get(step.name)
             batch = step.resources.batch_size or step.spec.batch_size
             by_family.setdefault(step.family, []).append(
-                PlannedStep(step, rows, batch, step.params_for(job), rows_estimated=step.name in estimated))
+                PlannedStep(step, rows, batch, step.params_for(job), rows_estimated=step.name in estimated,
+                            gpu_type=gpu_type))
         for family, planned in by_family.items():
             requested = max((p.step.resources.gpus for p in planned if p.step.resources and p.step.resources.gpus),
                             default=None)
@@ -114,7 +128,7 @@ def make_plan(job: Job, cluster_gpus: int = 0, row_counts: dict[str, int | None]
         _assign_actors(wave, cluster_gpus)
         for group in wave.groups:
             group.actors = min(group.actors, _useful_actors(group))
-    return Plan(job, waves, cluster_gpus)
+    return Plan(job, waves, cluster_gpus, gpu_type)
 
 
 def _assign_actors(wave: Wave, cluster_gpus: int) -> None:
@@ -143,7 +157,8 @@ def runs_side_by_side(wave: Wave, cluster_gpus: int) -> bool:
     return cluster_gpus > 0 and sum(g.actors * g.gpus_per_actor for g in wave.groups) <= cluster_gpus
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: Plan, gpu_price: float | None = None) -> str:
+    """The plan as `lance-ray plan` prints it; with `gpu_price` (dollars per GPU-hour) the cost as well."""
     job = plan.job
     device = f"{plan.cluster_gpus} GPU(s)" if plan.cluster_gpus else "no GPUs (actors run on CPU)"
     lines = [f"job {job.name}: {len(job.steps)} step(s), {len(plan.waves)} wave(s), cluster: {device}"]
@@ -170,8 +185,12 @@ def format_plan(plan: Plan) -> str:
             else:
                 total += group.estimated_gpu_s
     suffix = " (+ steps of unknown size)" if unknown else ""
-    lines.append(f"estimated GPU time: {_duration(total)}{suffix} on H100-class GPUs "
-                 f"(per-task costs in lance_ray/models/lance/tasks.py)")
+    lines.append(f"estimated GPU time: {_duration(total)}{suffix} on {plan.gpu_type.upper()} GPUs "
+                 f"(costs fitted to benchmarks/results/, in lance_ray/models/lance/tasks.py)")
+    if gpu_price is not None:
+        hours = total / 3600
+        lines.append(f"estimated cost: {hours:.2f} GPU-hours x ${gpu_price:g}/GPU-hour = ${hours * gpu_price:,.2f}"
+                     f"{suffix}")
     return "\n".join(lines)
 
 

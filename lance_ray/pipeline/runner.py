@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +25,10 @@ from typing import TYPE_CHECKING
 from lance_ray.errors import ClusterError, JobFileError, LanceRayError, RunError
 from lance_ray.io import storage
 from lance_ray.pipeline import sinks, sources
+from lance_ray.pipeline.metrics import RunMetrics
 from lance_ray.pipeline.planner import Group, Plan, PlannedStep, make_plan, runs_side_by_side
+from lance_ray.pipeline.progress import StepProgress
+from lance_ray.pipeline.report import SUMMARY_FILE
 from lance_ray.pipeline.worker import LanceWorker, StepContext, finish_rows, prepare_rows
 from lance_ray.spec import Job, Step
 from lance_ray.spec.checks import output_path_problems
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SUMMARY_PREFIX = "LANCE_RAY_SUMMARY "
 CALLS_PER_ACTOR = 4  # batches a GPU actor works on at once (its backend serialises the GPU work itself)
+SAMPLE_ERRORS = 3  # distinct error messages kept per step for the summary
 
 
 @dataclass
@@ -46,12 +51,17 @@ class StepSummary:
     skipped: int = 0  # already committed by an earlier run
     ok: int = 0
     failed: int = 0
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # from the start of its group's pipeline to its own last committed row
+    sample_errors: dict[str, str] = field(default_factory=dict)  # error -> first row with it (SAMPLE_ERRORS)
 
     @property
     def throughput(self) -> float:
         done = self.ok + self.failed
         return done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def add_error(self, row_id: str, error: str) -> None:
+        if len(self.sample_errors) < SAMPLE_ERRORS:
+            self.sample_errors.setdefault(error, row_id)
 
 
 @dataclass
@@ -60,11 +70,16 @@ class RunSummary:
     run_id: str
     steps: list[StepSummary] = field(default_factory=list)
     elapsed_s: float = 0.0
-    events_uri: str | None = None
+    events_uri: str | None = None  # <output>/_runs/<run id>: load-*.json of each actor, summary.json
+    finished_at: str | None = None
 
     @property
     def failed(self) -> int:
         return sum(step.failed for step in self.steps)
+
+    def order_steps(self, names: list[str]) -> None:
+        """Puts the steps in `names` order (the job file's), whatever order their groups ran in."""
+        self.steps.sort(key=lambda step: names.index(step.name))
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -72,34 +87,67 @@ class RunSummary:
         return json.dumps(data, sort_keys=True)
 
 
-def init_ray(address: str | None, verbose: bool = False) -> None:
-    """Connects to `address` (or $RAY_ADDRESS, as set inside a Ray job), else starts a local Ray."""
+def init_ray(address: str | None, verbose: bool = False, metrics_port: int | None = None) -> None:
+    """Connects to `address` (or $RAY_ADDRESS, as set inside a Ray job), else starts a local Ray whose
+    node exports Prometheus metrics on `metrics_port` when given.
+
+    Unless `verbose`, Ray's own log lines stay in its log files: its loggers only pass errors, worker
+    output is not forwarded, and Ray Data shows no progress bars of its own (ours replace them).
+    A start or connection that fails is tried once more, then explained.
+    """
     import ray
     from ray.data import DataContext
 
-    # Our own progress bar and summary replace Ray Data's per-operator log lines unless asked for. A failed
-    # run is reported in one line by the command; without -v, neither Ray Data's error log (a full stack
-    # trace per failure) nor the workers' output forwarded to the driver (an actor that cannot load its
-    # checkpoint prints its traceback several times over) repeat it.
-    DataContext.get_current().enable_progress_bars = verbose
+    context = DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    # Without -v, neither Ray Data's error log (a full stack trace per failure) nor the workers' output
+    # forwarded to the driver (an actor that cannot load its checkpoint prints its traceback several times
+    # over) repeat what the command reports in one line.
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.CRITICAL)
     if ray.is_initialized():
         return
     if not verbose:
-        logging.getLogger("ray").setLevel(logging.WARNING)  # "Started a local Ray instance." and the like
         # Ray prints every failed attempt of a task it will retry, remote traceback included, on the
         # driver's stdout; Ray Data retries its actors' calls without end, so one broken actor repeats it.
         os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
-    if address or os.environ.get("RAY_ADDRESS"):
-        try:
-            ray.init(address=address, log_to_driver=verbose)
-        except (ConnectionError, TimeoutError) as exc:
-            where = address or os.environ["RAY_ADDRESS"]
-            raise ClusterError(f"cannot connect to the Ray cluster at {where}: {exc} (is it running? "
-                               "`ray status --address ...` on the head tells)") from exc
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    where = address or os.environ.get("RAY_ADDRESS")
+    if where:
+        def start() -> None:
+            ray.init(address=address, **quiet)
+
+        failures: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
     else:
-        # Logical CPUs above the core count keep GPU-less actors from starving the CPU stages.
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=verbose)
+        def start() -> None:
+            # Logical CPUs above the core count keep GPU-less actors from starving the CPU stages.
+            ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False,
+                     _metrics_export_port=metrics_port, **quiet)
+
+        failures = (Exception,)  # a local start fails in many ways (most often a timeout on a busy machine)
+    for attempt in (1, 2):
+        try:
+            start()
+            return
+        except failures as exc:
+            ray.shutdown()  # whatever half of it started
+            if attempt == 1:
+                log.warning("Ray did not start (%s: %s); trying once more", type(exc).__name__, exc)
+                continue
+            if where:
+                raise ClusterError(f"cannot connect to the Ray cluster at {where}: {exc} (is it running? "
+                                   "`ray status --address ...` on the head tells)") from exc
+            raise RunError(f"could not start a local Ray, twice: {type(exc).__name__}: {exc}. On a busy "
+                           "machine Ray's processes can miss their start-up deadline: try again when it is "
+                           "less loaded. `lance-ray -v run ...` shows Ray's own messages; its logs are "
+                           "in /tmp/ray/session_latest/logs.") from exc
+
+
+def shutdown_ray() -> None:
+    """Stops the local Ray this process started (a connection to a cluster is only closed)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def cluster_gpu_count() -> int:
@@ -198,13 +246,10 @@ class JobRunner:
             for summary in summaries.values():  # a run killed before its manifests gets them now
                 self._write_manifest(summary, group)
             return
-        started = time.perf_counter()
         ds = self._pipeline(group, datasets, contexts, pending=sum(s.rows - s.skipped for s in summaries.values()))
         if not self._drain(ds, summaries, f"{group.family} [{', '.join(summaries)}]"):
             return  # cancelled: a sibling group failed
-        elapsed = time.perf_counter() - started
         for summary in summaries.values():
-            summary.elapsed_s = round(elapsed, 3)
             tally = sources.read_tally(self.summary.events_uri, summary.name) if self.summary.events_uri else None
             if tally is not None:  # the exact counts, now that the read task has seen the whole input
                 summary.rows, summary.skipped = tally
@@ -284,25 +329,39 @@ class JobRunner:
         )
 
     def _drain(self, ds, summaries: dict[str, StepSummary], label: str) -> bool:
-        """Pull the committed (step, row_id, error) records through the pipeline, counting them; False when
-        the run was cancelled on the way."""
-        pending = sum(s.rows - s.skipped for s in summaries.values())
-        bar = _progress_bar(pending, label, self.progress)
+        """Pull the committed (step, row_id, error) records through the pipeline, counting them per step (with
+        each step's own time and a few of its errors) for the summary, the progress display and the metrics;
+        False when the run was cancelled on the way."""
+        started = time.perf_counter()
+        pending = {name: s.rows - s.skipped for name, s in summaries.items()}
+        progress = StepProgress(pending, enabled=self.progress)
+        run_metrics = RunMetrics(self.job.name, {name: s.task for name, s in summaries.items()}, pending)
+        log.info("%s: %d row(s) to run", label, sum(pending.values()))
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 if self._cancelled.is_set():  # a sibling group failed: closing the iterator stops Ray Data
                     return False
-                for step_name, error in zip(
-                    batch.column("step").to_pylist(), batch.column("error").to_pylist(), strict=True
-                ):
+                committed: dict[str, list[int]] = {}  # step -> [ok, failed] in this batch
+                for step_name, row_id, error in zip(batch.column("step").to_pylist(),
+                                                    batch.column("row_id").to_pylist(),
+                                                    batch.column("error").to_pylist(), strict=True):
+                    summary = summaries[step_name]
+                    counts = committed.setdefault(step_name, [0, 0])
                     if error is None:
-                        summaries[step_name].ok += 1
+                        summary.ok += 1
+                        counts[0] += 1
                     else:
-                        summaries[step_name].failed += 1
-                bar.update(batch.num_rows)
-                bar.set_postfix(failed=sum(s.failed for s in summaries.values()))
+                        summary.failed += 1
+                        summary.add_error(row_id, error)
+                        counts[1] += 1
+                for step_name, (ok, failed) in committed.items():
+                    summary = summaries[step_name]
+                    summary.elapsed_s = round(time.perf_counter() - started, 3)
+                    done = summary.ok + summary.failed
+                    progress.add(step_name, ok, failed)
+                    run_metrics.committed(step_name, ok, failed, done, pending[step_name] - done)
         finally:
-            bar.close()
+            progress.close()
         return True
 
     def _write_manifest(self, summary: StepSummary, group: Group) -> None:
@@ -338,12 +397,6 @@ PIPELINE_BLOCK_BYTES = 4 * 1024 * 1024
 def _block_rows(rows: int, batch_size: int, actors: int) -> int:
     """Rows per block: at least four blocks per actor for a small step, at most four batches a block."""
     return max(1, min(-(-rows // (4 * actors)), 4 * batch_size))
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="row", disable=not enabled, dynamic_ncols=True)
 
 
 def new_run_id() -> str:
@@ -386,24 +439,26 @@ def run_job(
     progress: bool = True,
     run_id: str | None = None,
     verbose: bool = False,
+    metrics_port: int | None = None,
 ) -> RunSummary:
     """Plans and runs a job on Ray; returns per-step counts. Rows that failed are in the outputs with `error`.
 
-    The Ray cluster: `address`, else the job file's `ray.address`, else $RAY_ADDRESS, else a local Ray.
-    A run with nothing to do (every step's input already committed) returns at once, without Ray.
+    The Ray cluster: `address`, else the job file's `ray.address`, else $RAY_ADDRESS, else a local Ray (which
+    exports Prometheus metrics on `metrics_port` when given). A run with nothing to do (every step's input
+    already committed) returns at once, without Ray.
     """
     check_outputs(job)  # before Ray starts: `--output` may have moved the outputs somewhere they cannot be
     if not overwrite and (done := completed_run(job, retry_failed=retry_failed, run_id=run_id)) is not None:
         log.warning("every row of every step is already committed: nothing to run")
         return done
     check_local_models(job)
-    init_ray(address or job.ray.address, verbose)
+    init_ray(address or job.ray.address, verbose, metrics_port)
     row_counts = count_rows(job)
     plan = make_plan(job, cluster_gpu_count(), row_counts)
     runner = JobRunner(job, overwrite=overwrite, retry_failed=retry_failed, progress=progress, run_id=run_id,
                        row_counts=row_counts)
     try:
-        return runner.run(plan)
+        summary = runner.run(plan)
     except Exception as exc:
         # A read task found the input unusable mid-run (a repeated id): Ray wraps the error with the
         # task's traceback. Say what was wrong, and that the run (not the job file) failed.
@@ -412,6 +467,10 @@ def run_job(
             message = str(cause).splitlines()[0]  # Ray Data appends its retry advice on later lines
             raise RunError(f"{message} (rows committed before it are kept)") from None
         raise
+    summary.order_steps([step.name for step in job.steps])
+    summary.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    storage.write_bytes_atomic(storage.join_uri(summary.events_uri, SUMMARY_FILE), summary.to_json().encode())
+    return summary
 
 
 def check_local_models(job: Job) -> None:
@@ -428,6 +487,8 @@ def check_local_models(job: Job) -> None:
 
 
 def format_summary(summary: RunSummary) -> str:
+    """The table `lance-ray run` prints: steps in job file order, each with its own rows/s and time (from its
+    group's start to its last committed row), then a few error messages of each step with failed rows."""
     header = f"{'step':<24} {'task':<11} {'rows':>7} {'ok':>7} {'failed':>7} {'skipped':>8} {'rows/s':>8} {'time':>8}"
     lines = [header, "-" * len(header)]
     for step in summary.steps:
@@ -439,4 +500,14 @@ def format_summary(summary: RunSummary) -> str:
         f"run {summary.run_id}: {summary.elapsed_s:.1f}s, "
         f"{sum(s.ok for s in summary.steps)} ok, {summary.failed} failed"
     )
+    for step in summary.steps:
+        if step.failed:
+            more = len(step.sample_errors) < step.failed
+            lines.append(f"{step.name}: {step.failed} row(s) failed{', for example' if more else ''}:")
+            lines.extend(f"  {row_id}: {_one_line(error)}" for error, row_id in step.sample_errors.items())
     return "\n".join(lines)
+
+
+def _one_line(error: str, limit: int = 300) -> str:
+    text = " ".join(error.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

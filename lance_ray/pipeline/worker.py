@@ -31,6 +31,7 @@ from lance_ray.models.lance import (
     resize_for_understanding,
     sample_frame_indices,
 )
+from lance_ray.pipeline import metrics
 from lance_ray.pipeline.backends import TaskInput, TaskOutput, load_backend
 from lance_ray.pipeline.sinks import EncodedMedia, OutputRow, Sink
 from lance_ray.pipeline.watchdog import Watchdog
@@ -149,6 +150,7 @@ def prepare_rows(batch: pa.Table, steps: dict[str, StepContext]) -> pa.Table:
             continue
         if pixels is not None:
             row.set_input_array(pixels)
+    metrics.record_prepared(row.step for row in rows)
     return rows_to_table(rows, PREPARED_SCHEMA)
 
 
@@ -170,6 +172,7 @@ class LanceWorker:
         self.batch_sizes = batch_sizes
         self.watchdog = Watchdog(events_uri)
         self.load_id = uuid.uuid4().hex[:12]
+        self.metrics = metrics.ActorMetrics(family, self.backend, time.perf_counter() - started)
         if events_uri:
             event = {
                 "event": "checkpoint_load",
@@ -190,6 +193,7 @@ class LanceWorker:
         """Ray Data calls this from several threads at once (several batches in flight): the backend
         is thread-safe, and its GPU thread keeps the device busy with rows from all of them."""
         rows = rows_from_table(batch)
+        self.metrics.batch_received(row.step for row in rows)
         suspects = self.watchdog.suspects()  # rows that hung an earlier actor: written as errors, not rerun
         for row in rows:
             if not row.error and row.row_id in suspects:
@@ -242,6 +246,8 @@ class LanceWorker:
                 row.set_result_array(output.pixels)
             if turn_outputs:  # intermediate turns; the last turn is the row's result
                 row.set_turn_arrays([turn[index].pixels for turn in turn_outputs[:-1]])
+        self.metrics.model_call(ctx.name, ctx.task, ctx.settings, [row.text for row in chunk],
+                                time.perf_counter() - t0, len(ctx.turns))
 
     def _run_task(self, ctx: StepContext, chunk: list[Row]) -> tuple[list[TaskOutput], list[list[TaskOutput]]]:
         resized = _resized_on_cpu(ctx)  # prepare_rows resized understanding media

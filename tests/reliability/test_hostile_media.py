@@ -80,8 +80,10 @@ steps:
     summary = run_job(job, progress=False)
 
     expected = {c.name: c for c in cases}
-    expected["loop_b.png"] = expected["loop_a.png"]  # the loop's other end is listed too
-    listed = {"images": {n for n, c in expected.items() if c.kind == "image" and n != "folder.png"},
+    # Listing a folder keeps regular files only (io/tables.py): the FIFO and the symlink loop are not
+    # inputs at all (a row that names one gets an error: test_each_hostile_kind_... and test_bounded_rows).
+    not_files = {"folder.png", "fifo.png", "loop_a.png"}
+    listed = {"images": {n for n, c in expected.items() if c.kind == "image" and n not in not_files},
               "videos": {n for n, c in expected.items() if c.kind == "video"}}
     for step in summary.steps:
         rows = read_step_output(str(tmp_path / "out" / step.name)).to_pylist()

@@ -19,7 +19,7 @@ from .params import MAX_NEW_TOKENS, Params
 from .presets import MAX_FRAMES, MAX_SIDE, PRESETS, presets_of
 from .settings import DecodeSettings, GenerationSettings, SamplerSettings
 from .source import default_cache_dir, source_kind
-from .tasks import PROMPT_COLUMNS, TASK_NAMES, TASKS, TaskSpec, get_task, tasks_of
+from .tasks import GPU_SPEED, PROMPT_COLUMNS, TASK_NAMES, TASKS, TaskSpec, get_task, tasks_of
 
 if TYPE_CHECKING:
     from .pipeline import LancePipeline
@@ -37,6 +37,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "GPU_SPEED",
     "MAX_FRAMES",
     "MAX_NEW_TOKENS",
     "MAX_SIDE",

@@ -8,7 +8,12 @@ Sources (`resolve_checkpoint`; which kind a string is follows `source.source_kin
   the cache dir, under a file lock so that several actors on a node download once;
 * a Hugging Face repo id `owner/name` (e.g. `bytedance-research/Lance`), fetched with
   `snapshot_download(allow_patterns=...)` so an image job never downloads the video checkpoint and
-  nobody downloads the VAE before a generation task needs it.
+  nobody downloads the VAE before a generation task needs it. It goes to huggingface_hub's own cache
+  (`~/.cache/huggingface/hub`, or `$HF_HUB_CACHE`, or `$HF_HOME/hub`), where any other download of the
+  same repo already is, unless a `cache_dir` is given (then `<cache_dir>/hub`).
+
+The cache dir (`cache_dir`, else `$LANCE_RAY_CACHE`, else `~/.cache/lance-ray`) holds what lance-ray makes
+itself: the tiny checkpoint and the copies of `s3://` checkpoints.
 
 Putting the tensors on a device is loader.py's job.
 """
@@ -50,6 +55,7 @@ def resolve_checkpoint(source: str, family: str, *, revision: str | None = None,
     if family not in FAMILY_DIRS:
         raise ValueError(f"family must be one of {sorted(FAMILY_DIRS)}, got {family!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    hub_cache = Path(cache_dir) / "hub" if cache_dir is not None else None  # None: huggingface_hub's default
     kind = source_kind(source)
     if kind == "tiny":
         from .tiny import ensure_tiny_checkpoint  # torch: only when the tiny checkpoint is asked for
@@ -61,7 +67,7 @@ def resolve_checkpoint(source: str, family: str, *, revision: str | None = None,
         if Path(source).is_dir():
             log.warning("%r is read as a Hugging Face repo id; write ./%s for the local directory",
                         source, source)
-        root = _fetch_hub(source, revision, family, cache, with_vae)
+        root = _fetch_hub(source, revision, family, hub_cache, with_vae)
     else:
         root = Path(source).expanduser()
         if not root.is_dir():
@@ -104,11 +110,13 @@ def _wanted(family: str, with_vae: bool) -> list[str]:
     return [f"{FAMILY_DIRS[family]}/*", f"{VIT_DIR}/*"] + ([VAE_FILE] if with_vae else [])
 
 
-def _fetch_hub(repo_id: str, revision: str | None, family: str, cache: Path, with_vae: bool) -> Path:
+def _fetch_hub(repo_id: str, revision: str | None, family: str, cache: Path | None, with_vae: bool) -> Path:
+    """The repo's files a family needs, in `cache` or (None) huggingface_hub's default cache, which follows
+    `HF_HUB_CACHE` / `HF_HOME` and is shared with every other tool that downloads from the hub."""
     from huggingface_hub import snapshot_download
 
     path = snapshot_download(repo_id, revision=revision, allow_patterns=_wanted(family, with_vae),
-                             cache_dir=str(cache / "hub"))
+                             cache_dir=None if cache is None else str(cache))
     return Path(path)
 
 

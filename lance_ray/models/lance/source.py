@@ -28,7 +28,8 @@ _HUB = re.compile(rf"{_HUB_PART}/{_HUB_PART}")
 
 
 def default_cache_dir() -> Path:
-    """`$LANCE_RAY_CACHE`, else `~/.cache/lance-ray`: downloaded and tiny checkpoints live here."""
+    """`$LANCE_RAY_CACHE`, else `~/.cache/lance-ray`: the tiny checkpoint and copies of `s3://` checkpoints
+    live here (hub checkpoints live in huggingface_hub's cache, see checkpoint.py)."""
     return Path(os.environ.get("LANCE_RAY_CACHE", Path.home() / ".cache" / "lance-ray"))
 
 

@@ -20,7 +20,7 @@ Importable without torch or ray.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -57,22 +57,41 @@ def floor_to_multiple(pixels: int) -> int:
     return pixels // SIZE_MULTIPLE * SIZE_MULTIPLE
 
 
+# A video's latent frames: the VAE keeps the first frame and compresses each 4 after it into one.
+TEMPORAL_COMPRESSION = 4
+# Frames of an input video (video_edit) when planning: the official clip length (NUM_FRAMES).
+PLANNED_INPUT_FRAMES = 49
+# Seconds on each GPU type per second on an H100 (benchmarks/fit_costs.py: t2i 768² at batch 8 on both).
+GPU_SPEED: Mapping[str, float] = MappingProxyType({"h100": 1.0, "h200": 0.9605})
+
+
+def work_units(task: TaskSpec, params: Params, input_frames: int | None = None) -> float:
+    """What one row asks of the model, in the unit its CostModel counts: new tokens for understanding;
+    denoising steps x latent tokens of the output for generation (height/16 x width/16 x latent frames;
+    an edit or i2v is its preset's size, a video edit as long as its input, PLANNED_INPUT_FRAMES unless
+    told)."""
+    if task.output == "text":
+        return float(params.max_new_tokens)
+    height, width = (params.height, params.width) if params.height else PRESETS[params.preset].output_size
+    frames = 1 if task.output == "image" else params.frames or input_frames or PLANNED_INPUT_FRAMES
+    latent_frames = (frames - 1) // TEMPORAL_COMPRESSION + 1
+    return float(params.steps * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE) * latent_frames)
+
+
 @dataclass(frozen=True)
 class CostModel:
-    """GPU seconds per row, measured at a reference shape on an H100 (benchmarks/README.md), scaled
-    linearly by how much more work a row's params ask for: denoising steps x latent tokens for
-    generation, new tokens for understanding. A rough guide for `lance-ray plan`, not a promise."""
+    """GPU seconds per row on an H100 at the task's default batch: `fixed + per_unit * work_units(...)`.
 
-    seconds: float  # one row at the reference params, at the task's default batch
-    reference: Mapping[str, int] = field(default_factory=dict)  # the params `seconds` was measured at
+    `fixed` is what does not grow with the work (VAE, ViT, text encoding). Both are fitted to
+    benchmarks/results/ by benchmarks/fit_costs.py (affine where two shapes were measured, proportional
+    where one was; tests/test_cost.py checks these numbers against it). Other GPU types scale by GPU_SPEED.
+    A guide for `lance-ray plan`, not a promise."""
 
-    def seconds_per_row(self, params: Params) -> float:
-        scale = 1.0
-        for name, ref in self.reference.items():
-            value = getattr(params, name)
-            if isinstance(value, int) and value > 0:
-                scale *= value / ref
-        return self.seconds * scale
+    fixed: float
+    per_unit: float
+
+    def seconds(self, work: float, gpu_type: str = "h100") -> float:
+        return (self.fixed + self.per_unit * work) * GPU_SPEED[gpu_type]
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,10 @@ class TaskSpec:
     multi_turn: bool = False  # `turns:` chains instructions, each on the previous turn's result
     summary: str = ""  # one line for docs
     max_prompt_chars: int = MAX_PROMPT_CHARS  # a longer prompt is a row error
+
+    def gpu_seconds_per_row(self, params: Params, gpu_type: str = "h100") -> float:
+        """Estimated GPU seconds of one row with these (resolved) params: the planner's cost."""
+        return self.cost.seconds(work_units(self, params), gpu_type)
 
     @property
     def params(self) -> frozenset[str]:
@@ -169,29 +192,26 @@ def _task(name: str, family: Family, input_media: MediaKind | None, output: Outp
                     multi_turn, summary)
 
 
-# Costs: benchmarks/README.md (H100, bf16): captions of 128 tokens at batch 32, t2i 768² and edits at
-# batch 4, video tasks at 49 frames 480p, all at 30 steps.
-_PER_STEP = {"steps": 30}
-_CAPTION = {"max_new_tokens": 128}
+# Costs: fitted by benchmarks/fit_costs.py to benchmarks/results/ (H100, bf16, each task's default batch).
+_T2V_COST = CostModel(7.163, 3.385e-05)
 TASKS: Mapping[str, TaskSpec] = MappingProxyType({t.name: t for t in (
     _task("t2i", "image", None, "image", defaults={**_DENOISING, **_SIZE}, batch_size=4,
-          cost=CostModel(2.05, {**_PER_STEP, "height": 768, "width": 768}), summary="text to image"),
+          cost=CostModel(0, 2.973e-05), summary="text to image"),
     _task("image_edit", "image", "image", "image", defaults=_DENOISING, batch_size=4,
-          cost=CostModel(2.5, _PER_STEP), prompt_name="instruction", multi_turn=True,
+          cost=CostModel(0, 3.633e-05), prompt_name="instruction", multi_turn=True,
           summary="edit an image by an instruction"),
     _task("x2t_image", "image", "image", "text", defaults=_DECODING, batch_size=64,
-          cost=CostModel(0.09, _CAPTION), prompt_name="question", prompt_required=False,
+          cost=CostModel(0, 0.0006655), prompt_name="question", prompt_required=False,
           summary="caption an image or answer a question about it"),
     _task("t2v", "video", None, "video", defaults={**_DENOISING, **_SIZE, **_VIDEO_OUT}, batch_size=1,
-          cost=CostModel(28.2, {**_PER_STEP, "frames": 49, "height": 480, "width": 848}),
-          summary="text to video"),
+          cost=_T2V_COST, summary="text to video"),
     _task("i2v", "video", "image", "video", defaults={**_DENOISING, **_VIDEO_OUT}, batch_size=1,
-          cost=CostModel(28.2, {**_PER_STEP, "frames": 49}), summary="animate an image (its first frame)"),
+          cost=_T2V_COST, summary="animate an image (its first frame)"),
     _task("video_edit", "video", "video", "video", defaults={**_DENOISING, "fps": _VIDEO_OUT["fps"]},
-          batch_size=1, cost=CostModel(51.3, _PER_STEP), prompt_name="instruction", multi_turn=True,
+          batch_size=1, cost=CostModel(25.37, 4.182e-05), prompt_name="instruction", multi_turn=True,
           summary="edit a video by an instruction"),
     _task("x2t_video", "video", "video", "text", defaults=_DECODING, batch_size=8,
-          cost=CostModel(2.0, _CAPTION), prompt_name="question", prompt_required=False,
+          cost=CostModel(0, 0.03086), prompt_name="question", prompt_required=False,
           summary="caption a video or answer a question about it"),
 )})
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
