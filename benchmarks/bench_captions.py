@@ -320,6 +320,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="engine,pipeline,video")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoint, toy sizes (CPU smoke test)")
+    parser.add_argument("--cases", default="uniform,mixed", help="image cases to run")
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--videos", type=int, default=24)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-captions"))
@@ -354,6 +355,7 @@ def main() -> None:
         cases["mixed"] = (cases["mixed"][0], [int(n) for n in rng.integers(2, 9, rows)])
     results: dict = {"device": device}
     table = []
+    cases = {name: case for name, case in cases.items() if name in args.cases.split(",")}
     for case, (sizes, lengths) in cases.items():
         if "engine" in only:
             media = [_image(i, h, w) for i, (h, w) in enumerate(sizes)]

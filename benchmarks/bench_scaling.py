@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_scaling --gpus 2 --out results/ [--tasks t2i,x2t] [--two-nodes] [--tiny]
 
-Per task (t2i 768², x2t_image 768² captions of 128 tokens) the job runs with `resources.gpus` = 1, then = N,
+Per task (t2i 768²; x2t_image captions over bench_captions' mixed set: four sizes, per-row max_new_tokens) the job runs with `resources.gpus` = 1, then = N,
 each in its own `lance-ray run` (a fresh local Ray with N GPUs). Reported: steady rows/s (rows committed
 between 20% and 80% of all rows: start-up, checkpoint load and the pipeline's fill and drain are left
 out; bench_captions.steady_window), the ratio to one GPU, GPU busy % of every GPU during the steady window, and how long after the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_captions import GpuSampler, steady_window, write_images
+from benchmarks.bench_captions import GpuSampler, mixed_sizes, steady_window, write_images
 
 
 def run_case(work: Path, name: str, job_text: str, gpus: int, address: str | None = None) -> dict:
@@ -216,9 +216,14 @@ def main() -> None:
             source.write_text("".join(json.dumps({"prompt": f"a photo of thing {i}"}) + "\n" for i in range(rows)))
             batch = 2 if args.tiny else 8
         else:
-            source = work / "images"
-            if not source.exists():
-                write_images(source, [(96, 96) if args.tiny else (768, 768)] * rows)
+            # The mixed set of bench_captions: four sizes and aspect ratios, each row with its own
+            # max_new_tokens (16..256; 2..8 tiny), so captions end at different lengths as real ones do.
+            paths = write_images(work / "images-mixed", mixed_sizes(rows, args.tiny))
+            rng = np.random.default_rng(0)
+            lengths = rng.integers(2, 9, rows) if args.tiny else rng.integers(16, 257, rows)
+            source = work / "mixed.jsonl"
+            source.write_text("".join(json.dumps({"image": str(p), "max_new_tokens": int(n)}) + "\n"
+                                      for p, n in zip(paths, lengths, strict=True)))
             batch = 8 if args.tiny else 64
         runs = []
         for gpus in (1, args.gpus):
@@ -233,7 +238,9 @@ def main() -> None:
         print(f"{task}: {args.gpus} GPUs = {results['cases'][task]['speedup']}x one GPU", flush=True)
     if args.two_nodes:
         try:
-            results["two_nodes"] = two_nodes(work, ckpt, work / "images", args.tiny)
+            images = work / "images-mixed"  # the x2t case's images (written here when it did not run)
+            write_images(images, mixed_sizes(32 if args.tiny else args.x2t_rows, args.tiny))
+            results["two_nodes"] = two_nodes(work, ckpt, images, args.tiny)
         except (TimeoutError, OSError, subprocess.SubprocessError) as exc:  # keep the scaling figures
             results["two_nodes"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("two nodes", results["two_nodes"], flush=True)

@@ -206,7 +206,8 @@ def test_retry_failed_leaves_each_row_once(tmp_path: Path, fmt: str) -> None:
         steps:
           - name: caps
             task: x2t_image
-            input: {{rows: [{{image: {IMAGES[0]}}}, {{image: {late}}}, {{image: {IMAGES[1]}}}]}}
+            input: {{rows: [{{row_id: row-0, image: {IMAGES[0]}}}, {{row_id: row-1, image: {late}}},
+                            {{row_id: row-2, image: {IMAGES[1]}}}]}}
             output: {{format: {fmt}{path}}}
         """
     first = run_job(_job(tmp_path, body), progress=False)

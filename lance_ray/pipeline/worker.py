@@ -24,13 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from lance_ray.io import media, storage
-from lance_ray.models.lance import (
-    DecodeSettings,
-    GenerationSettings,
-    TaskSpec,
-    resize_for_understanding,
-    sample_frame_indices,
-)
+from lance_ray.models.lance import DecodeSettings, GenerationSettings, TaskSpec, sample_frame_indices
 from lance_ray.pipeline import metrics
 from lance_ray.pipeline.backends import TaskInput, TaskOutput, load_backend
 from lance_ray.pipeline.sinks import EncodedMedia, OutputRow, Sink
@@ -99,6 +93,9 @@ def _decode_input(ctx: StepContext, row: Row) -> np.ndarray | None:
         info = media.probe_video(uri)
         pixels = media.decode_video(uri, sample_frame_indices(info.num_frames, info.fps))
     if _resized_on_cpu(ctx):
+        # Imported here: the resize lives beside torch code, and `lance-ray plan` imports this module.
+        from lance_ray.models.lance import resize_for_understanding
+
         return resize_for_understanding(pixels, ctx.settings.preset)
     return pixels
 

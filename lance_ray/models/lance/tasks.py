@@ -201,7 +201,7 @@ TASKS: Mapping[str, TaskSpec] = MappingProxyType({t.name: t for t in (
           cost=CostModel(0, 3.633e-05), prompt_name="instruction", multi_turn=True,
           summary="edit an image by an instruction"),
     _task("x2t_image", "image", "image", "text", defaults=_DECODING, batch_size=64,
-          cost=CostModel(0, 0.0006655), prompt_name="question", prompt_required=False,
+          cost=CostModel(0, 0.0005146), prompt_name="question", prompt_required=False,
           summary="caption an image or answer a question about it"),
     _task("t2v", "video", None, "video", defaults={**_DENOISING, **_SIZE, **_VIDEO_OUT}, batch_size=1,
           cost=_T2V_COST, summary="text to video"),
