@@ -188,7 +188,8 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--tasks", default="t2i,x2t")
     parser.add_argument("--t2i-rows", type=int, default=64)
-    parser.add_argument("--x2t-rows", type=int, default=1024)
+    parser.add_argument("--t2i-batch", type=int, default=4, help="t2i batch size (4: enough batches per GPU)")
+    parser.add_argument("--x2t-rows", type=int, default=2560)
     parser.add_argument("--two-nodes", action="store_true")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
@@ -214,7 +215,7 @@ def main() -> None:
         if task == "t2i":
             source = work / "prompts.jsonl"
             source.write_text("".join(json.dumps({"prompt": f"a photo of thing {i}"}) + "\n" for i in range(rows)))
-            batch = 2 if args.tiny else 8
+            batch = 2 if args.tiny else args.t2i_batch
         else:
             # The mixed set of bench_captions: four sizes and aspect ratios, each row with its own
             # max_new_tokens (16..256; 2..8 tiny), so captions end at different lengths as real ones do.
