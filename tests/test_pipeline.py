@@ -287,3 +287,24 @@ def test_a_stuck_decode_becomes_a_row_error(monkeypatch: pytest.MonkeyPatch) -> 
     release.set()
     assert out[0].error is None and out[0].pixels is not None
     assert "longer than 1s" in out[1].error
+
+
+@pytest.mark.parametrize("resize", [True, False])
+def test_caption_media_are_resized_in_the_cpu_stage_only_for_a_model_that_takes_them(resize: bool) -> None:
+    """The Lance backend takes ViT-sized pixels from the CPU stage; the debug backend never reads pixels,
+    so its rows keep the decoded size (a small input is not blown up to the 768 bucket for nothing)."""
+    from lance_ray.models.lance import TASKS, resize_for_understanding
+    from lance_ray.pipeline import sinks, worker
+    from lance_ray.spec import Params
+    from lance_ray.spec.rows import PREPARED_SCHEMA, Row, rows_from_table, rows_to_table
+
+    task = TASKS["x2t_image"]
+    params = task.resolve(Params())
+    ctx = worker.StepContext("cap", task, params, task.settings(params), "/unused",
+                             sink=sinks.ParquetSink("/unused", "cap"), resize_for_model=resize)
+    image = DATASETS / "images" / "tiles_256x256.png"
+    rows = [Row("a", "cap", image=str(image))]
+    out = rows_from_table(worker.prepare_rows(rows_to_table(rows, PREPARED_SCHEMA), {"cap": ctx}))
+    decoded = worker.media.decode_image(str(image))
+    expected = resize_for_understanding(decoded, params.preset) if resize else decoded  # [T, h, w, 3] frames
+    assert out[0].error is None and out[0].input_array().shape == expected.shape

@@ -169,6 +169,7 @@ def _step_context(job: Job, planned: PlannedStep, on_gpu: bool) -> StepContext:
         video_codec=step.output.video_codec,
         turns=tuple(step.turns or ()),
         timeout_s=planned.timeout_s(on_gpu),
+        resize_for_model=job.model_for(step.family).backend != "debug",
     )
 
 

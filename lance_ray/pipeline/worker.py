@@ -53,6 +53,9 @@ class StepContext:
     video_codec: str = "h264"
     turns: tuple[str, ...] = ()
     timeout_s: float | None = None  # deadline of one model call (the watchdog's)
+    # Understanding media resized to the ViT stream in the CPU stage (what the Lance backend takes); the
+    # debug backend never looks at pixels, so its rows skip the resize (a 32x32 input would become ~768²).
+    resize_for_model: bool = True
 
 
 def row_seed(params: Params, row_id: str, seed_override: int | None) -> int:
@@ -103,7 +106,7 @@ def _decode_input(ctx: StepContext, row: Row) -> np.ndarray | None:
 def _resized_on_cpu(ctx: StepContext) -> bool:
     """Understanding media are resized to the ViT stream on the CPU, except in `seed_mode: official`, whose
     crop offsets are the official run's draws, made on the model's side from the full-size media."""
-    return isinstance(ctx.settings, DecodeSettings) and ctx.settings.seed_mode != "official"
+    return ctx.resize_for_model and isinstance(ctx.settings, DecodeSettings) and ctx.settings.seed_mode != "official"
 
 
 def _within(seconds: float | None, fn, *args):
