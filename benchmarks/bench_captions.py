@@ -260,30 +260,34 @@ class GpuSampler(threading.Thread):
                 self.samples.append((time.time(), int(fields[0]), float(fields[1]), float(fields[2])))
 
 
-def bench_pipeline(work: Path, name: str, job_text: str, expected_rows: int) -> dict:
+def watched_run(command: list[str], out: Path, name: str):
+    """Run `lance-ray run ...` while a GpuSampler watches the GPUs and `out`; returns (the process, the sampler,
+    start and end times, and the committed parts' appearance times and row counts, oldest first)."""
     import pyarrow.parquet as pq
 
-    job = work / f"{name}.yaml"
-    job.write_text(job_text)
-    out = work / f"out-{name}"
-    shutil.rmtree(out, ignore_errors=True)  # a fresh output: a resumed run would skip rows
     sampler = GpuSampler(out)
     sampler.start()
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "lance_ray.cli", "run", str(job), "--no-progress"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
     ended = time.time()
     time.sleep(0.3)
     sampler.stop.set()
     sampler.join()
     if proc.returncode not in (0, 1):
-        raise RuntimeError(f"lance-ray run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    committed = []  # (time the part appeared, rows in it)
-    for part in out.rglob("part-*.parquet"):
-        committed.append((sampler.parts.get(part.name, ended), pq.ParquetFile(part).metadata.num_rows))
-    committed.sort()
-    times = np.array([t for t, _ in committed])
-    counts = np.array([n for _, n in committed])
+        raise RuntimeError(f"{name}: lance-ray run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    parts = sorted((sampler.parts.get(p.name, ended), pq.ParquetFile(p).metadata.num_rows)
+                   for p in out.rglob("part-*.parquet"))
+    return proc, sampler, started, ended, np.array([t for t, _ in parts]), np.array([n for _, n in parts])
+
+
+def bench_pipeline(work: Path, name: str, job_text: str, expected_rows: int) -> dict:
+
+    job = work / f"{name}.yaml"
+    job.write_text(job_text)
+    out = work / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh output: a resumed run would skip rows
+    proc, sampler, started, ended, times, counts = watched_run(
+        [sys.executable, "-m", "lance_ray.cli", "run", str(job), "--no-progress"], out, name)
     total = int(counts.sum())
     # Steady state: the middle of the run (start-up, checkpoint load, the pipeline's fill and drain left out;
     # the first of them is `first_caption_s`).

@@ -25,31 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_captions import GpuSampler, mixed_sizes, steady_window, write_images
+from benchmarks.bench_captions import mixed_sizes, steady_window, watched_run, write_images
 
 
 def run_case(work: Path, name: str, job_text: str, gpus: int, address: str | None = None) -> dict:
-    import pyarrow.parquet as pq
 
     job = work / f"{name}.yaml"
     job.write_text(job_text)
     out = work / f"out-{name}"
-    sampler = GpuSampler(out)
-    sampler.start()
-    started = time.time()
     command = [sys.executable, "-m", "lance_ray.cli", "run", str(job), "--no-progress"]
     if address:
         command += ["--address", address]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    ended = time.time()
-    time.sleep(0.3)
-    sampler.stop.set()
-    sampler.join()
-    if proc.returncode not in (0, 1):
-        raise RuntimeError(f"{name}: lance-ray run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    parts = sorted((sampler.parts.get(p.name, ended), pq.ParquetFile(p).metadata.num_rows) for p in out.rglob("part-*.parquet"))
-    times = np.array([t for t, _ in parts])
-    counts = np.array([n for _, n in parts])
+    _, sampler, started, ended, times, counts = watched_run(command, out, name)
     steady, window_start, window_end = steady_window(times, counts)
     per_gpu = {}
     for index in sorted({s[1] for s in sampler.samples}):

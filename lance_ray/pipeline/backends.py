@@ -65,6 +65,7 @@ class LanceBackend:
     generation calls run whole in between. Safe to call from several threads."""
 
     name = "lance"
+    takes_resized_media = True  # understanding media come resized to the ViT stream by the CPU stage
 
     def __init__(self, model: ModelRef, family: str, *, understanding_only: bool = False) -> None:
         from lance_ray.models.lance import LancePipeline
@@ -125,6 +126,7 @@ class DebugBackend:
     """Synthetic outputs with the right shapes, for pipeline tests; never a silent default."""
 
     name = "debug"
+    takes_resized_media = False  # never reads pixels: the CPU stage need not resize them
     model_revision = "debug"
     load_info: dict[str, Any] = {}
 
@@ -153,6 +155,9 @@ class DebugBackend:
         frames = 1 if task.output == "image" else settings.frames or row.media.shape[0]
         pixels = rng.integers(0, 256, size=(frames, height, width, 3), dtype=np.uint8)
         return TaskOutput(pixels=pixels[0] if task.output == "image" else pixels)
+
+
+BACKENDS: dict[str, type[LanceBackend] | type[DebugBackend]] = {"lance": LanceBackend, "debug": DebugBackend}
 
 
 def load_backend(model: ModelRef, family: str, *, understanding_only: bool = False) -> Backend:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from lance_ray.errors import ClusterError, JobFileError, LanceRayError, RunError
 from lance_ray.io import storage
 from lance_ray.pipeline import sinks, sources
+from lance_ray.pipeline.backends import BACKENDS
 from lance_ray.pipeline.metrics import RunMetrics
 from lance_ray.pipeline.planner import Group, Plan, PlannedStep, make_plan, runs_side_by_side
 from lance_ray.pipeline.progress import StepProgress
@@ -169,7 +170,7 @@ def _step_context(job: Job, planned: PlannedStep, on_gpu: bool) -> StepContext:
         video_codec=step.output.video_codec,
         turns=tuple(step.turns or ()),
         timeout_s=planned.timeout_s(on_gpu),
-        resize_for_model=job.model_for(step.family).backend != "debug",
+        resize_for_model=BACKENDS[job.model_for(step.family).backend].takes_resized_media,
     )
 
 

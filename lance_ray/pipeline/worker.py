@@ -53,8 +53,8 @@ class StepContext:
     video_codec: str = "h264"
     turns: tuple[str, ...] = ()
     timeout_s: float | None = None  # deadline of one model call (the watchdog's)
-    # Understanding media resized to the ViT stream in the CPU stage (what the Lance backend takes); the
-    # debug backend never looks at pixels, so its rows skip the resize (a 32x32 input would become ~768²).
+    # Understanding media resized to the ViT stream in the CPU stage, when the backend takes them so
+    # (`Backend.takes_resized_media`; the debug backend never reads pixels: a 32x32 input would become ~768²).
     resize_for_model: bool = True
 
 
